@@ -1,0 +1,170 @@
+"""Benchmark the built-in segmenter: accuracy on synthetic fields, speed and memory per field size.
+
+Usage::
+
+    python benchmarks/bench_segmentation.py                       # everything (a few minutes)
+    python benchmarks/bench_segmentation.py --skip-accuracy --sizes 2048
+    python benchmarks/bench_segmentation.py --data-dir ../shared/data/hpa_protocol   # + real fields
+
+Accuracy: synthetic fields from seeds the segmenter was not tuned on (default 1000-1009 at
+1024 px, 1000-1003 at 2048 px); per field and pooled: cell recall at IoU 0.6, precision, median
+matched IoU, nucleus recall, and the fraction of predicted cells covering two true nuclei.
+The bars: cell recall >= 0.90, median IoU >= 0.80, nucleus recall >= 0.95, merged <= 0.02.
+
+Speed and memory: each size runs in its own subprocess with one thread (OpenCV, OpenMP,
+OpenBLAS), the field loaded from a .npy file: seconds per field (median of --repeats), the process's peak
+resident memory (ru_maxrss) before and after segmenting (the base holds Python, the libraries
+and the field), and the numpy peak seen by tracemalloc. Bars: <= 1.5 s per 2048² field, < 1.5 GB for a 3072² field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+_CHILD = r"""
+import os, sys, json, time, resource, tracemalloc
+for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    os.environ[k] = "1"
+sys.path.insert(0, sys.argv[1])
+import cv2
+cv2.setNumThreads(1)
+import numpy as np
+from hpa_tf.segmentation import get_segmenter
+image = np.load(sys.argv[2])
+repeats = int(sys.argv[3])
+seg = get_segmenter("builtin")
+seg.segment(image[:256, :256])  # warm-up: imports, code paths
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+times = []
+for _ in range(repeats):
+    t = time.perf_counter(); cells, nuclei = seg.segment(image); times.append(time.perf_counter() - t)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tracemalloc.start()
+seg.segment(image)
+_, peak = tracemalloc.get_traced_memory()
+tracemalloc.stop()
+print(json.dumps({"times": times, "rss_before_mb": before / 1024, "rss_after_mb": after / 1024,
+                  "tracemalloc_peak_mb": peak / 2**20, "cells": int(cells.max())}))
+"""
+
+
+_GENERATE = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from hpa_tf.synthetic import generate_field
+np.save(sys.argv[2], generate_field(int(sys.argv[3]), int(sys.argv[4])).image)
+"""
+
+
+def speed(sizes: list[int], repeats: int, seed: int) -> None:
+    """Seconds and memory per field size, each in a fresh one-thread subprocess.
+
+    The fields are generated in a subprocess too: a child's ru_maxrss starts from its parent's
+    size at fork time, so the parent must stay small for the peak to mean anything.
+    """
+    print("\n== speed and memory (one thread, subprocess per size) ==")
+    print(f"{'size':>6} {'s/field':>8} {'min s':>7} {'cells':>6} {'RSS base MB':>12} {'RSS peak MB':>12} "
+          f"{'added MB':>9} {'numpy peak MB':>14}")
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            path = Path(tmp) / f"field_{size}.npy"
+            subprocess.run([sys.executable, "-c", _GENERATE, str(ROOT), str(path), str(seed), str(size)],
+                           check=True, env=env)
+            res = subprocess.run(
+                [sys.executable, "-c", _CHILD, str(ROOT), str(path), str(repeats)],
+                capture_output=True, text=True, env=env, check=False,
+            )
+            if res.returncode != 0:
+                print(f"{size:>6} FAILED: {res.stderr[-2000:]}")
+                continue
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            t = sorted(r["times"])
+            print(
+                f"{size:>6} {t[len(t) // 2]:8.3f} {t[0]:7.3f} {r['cells']:6d} {r['rss_before_mb']:12.0f} "
+                f"{r['rss_after_mb']:12.0f} {r['rss_after_mb'] - r['rss_before_mb']:9.0f} {r['tracemalloc_peak_mb']:14.0f}"
+            )
+
+
+def accuracy(seeds_by_size: dict[int, list[int]]) -> None:
+    from hpa_tf.segmentation import get_segmenter
+    from hpa_tf.segmentation.evaluate import score_segmentation
+    from hpa_tf.synthetic import generate_field
+
+    seg = get_segmenter("builtin")
+    print("\n== accuracy on synthetic fields (IoU 0.6) ==")
+    cols = ("cells_true", "cells_pred", "cell_recall", "cell_precision", "cell_median_iou", "nucleus_recall", "merged")
+    print(f"{'size':>5} {'seed':>5} " + " ".join(f"{c:>15}" for c in cols))
+    for size, seeds in seeds_by_size.items():
+        pooled: list[list] = [[], [], [], []]
+        for seed in seeds:
+            f = generate_field(seed, size)
+            t = time.perf_counter()
+            cells, nuclei = seg.segment(f.image)
+            dt = time.perf_counter() - t
+            sc = score_segmentation(f.cells, f.nuclei, cells, nuclei).as_dict()
+            print(f"{size:>5} {seed:>5} " + " ".join(f"{sc[c]:15.3f}" if isinstance(sc[c], float) else f"{sc[c]:15d}"
+                                                      for c in cols) + f"   ({dt:.2f} s)")
+            for lst, arr in zip(pooled, (f.cells, f.nuclei, cells, nuclei)):
+                lst.append(arr)
+        sc = score_segmentation(*pooled).as_dict()
+        print(f"{size:>5} {'ALL':>5} " + " ".join(f"{sc[c]:15.3f}" if isinstance(sc[c], float) else f"{sc[c]:15d}"
+                                                  for c in cols))
+
+
+def real(data_dir: Path, out: Path | None) -> None:
+    import cv2
+
+    from hpa_tf.io import list_image_ids, read_rgby
+    from hpa_tf.segmentation import draw_overlay, get_segmenter
+
+    seg = get_segmenter("builtin")
+    print(f"\n== real fields in {data_dir} ==")
+    for image_id in list_image_ids(data_dir):
+        image = read_rgby(data_dir, image_id)
+        t = time.perf_counter()
+        cells, nuclei = seg.segment(image)
+        dt = time.perf_counter() - t
+        import numpy as np
+
+        ca = np.bincount(cells.ravel())[1:]
+        na = np.bincount(nuclei.ravel())[1:]
+        print(f"{image_id}: {image.shape[1]}x{image.shape[0]}, {int(cells.max())} cells, median cell area {np.median(ca):.0f} px, "
+              f"median nucleus area {np.median(na):.0f} px, {dt:.2f} s")
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(out / f"{image_id}_overlay.png"), draw_overlay(image, cells, nuclei, max_size=1024)[..., ::-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 3072], help="field sizes for speed/memory")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seeds-1024", type=int, nargs="*", default=list(range(1000, 1010)))
+    p.add_argument("--seeds-2048", type=int, nargs="*", default=list(range(1000, 1004)))
+    p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--data-dir", type=Path, help="also segment the real fields in this folder")
+    p.add_argument("--overlay-dir", type=Path, help="write overlays of the real fields here")
+    a = p.parse_args()
+    if not a.skip_speed:  # first, while this process is small (see ``speed``)
+        speed(a.sizes, a.repeats, seed=1000)
+    if not a.skip_accuracy:
+        accuracy({1024: a.seeds_1024, 2048: a.seeds_2048})
+    if a.data_dir is not None:
+        real(a.data_dir, a.overlay_dir)
+
+
+if __name__ == "__main__":
+    main()
