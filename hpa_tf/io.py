@@ -34,6 +34,18 @@ EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "tif", "tiff")
 _JPEG_EXT = ("jpg", "jpeg")
 
 
+def channel_indices(channels: str) -> list[int]:
+    """Indices into an RGBY array for a channel string such as ``"rgby"``, ``"g"`` or ``"rgb"``.
+
+    The one place that maps channel letters to array planes (training and prediction both use it).
+    """
+    letters = "rgby"
+    channels = channels.lower()
+    if not channels or any(c not in letters for c in channels) or len(set(channels)) != len(channels):
+        raise ValueError(f"channels must be distinct letters of 'rgby' (e.g. 'rgby', 'g', 'rgb'), got {channels!r}")
+    return [letters.index(c) for c in channels]
+
+
 class ImageReadError(IOError):
     """A channel file is missing, unreadable, corrupt, or inconsistent with its siblings."""
 
