@@ -1,0 +1,127 @@
+"""Command line of the TFRecord builder: ``python -m tfrecord_builder [build] ...`` and ``... verify OUT``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+BUILD_EXAMPLE = """\
+example:
+  python -m tfrecord_builder --data-dir data/train --labels data/train.csv --out records \\
+      --crop-size 512 --segmenter builtin --workers 4 --folds 5
+  python -m tfrecord_builder verify records
+
+A killed run resumes when started again with the same arguments; an output made with other
+content-defining arguments is refused. OUT may be a local folder or a gs:// path.
+"""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tfrecord_builder",
+        description="Segment fields of view, crop every cell and write TFRecord shards by fold "
+        "(subcommands: build (default), verify OUT).",
+        epilog=BUILD_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data-dir", required=True, help="folder of {ID}_{red,green,blue,yellow}.png|jpg|tif (e.g. train/)")
+    p.add_argument("--labels", required=True, help="train.csv with columns ID,Label")
+    p.add_argument("--out", required=True, help="output folder (local or gs://)")
+    p.add_argument("--crop-size", type=int, default=512, help="crop side in pixels (default 512)")
+    p.add_argument("--segmenter", default="builtin", choices=["builtin", "hpacellseg"],
+                   help="segmentation backend (default builtin; ignored with --masks-dir)")
+    p.add_argument("--nuclei-model", help="hpacellseg nuclei model file")
+    p.add_argument("--cell-model", help="hpacellseg cell model file")
+    p.add_argument("--device", help="hpacellseg device, e.g. cpu or cuda")
+    p.add_argument("--masks-dir", help="reuse saved masks {ID}_cells.png (uint16 label images) instead of segmenting")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1; use the number of cores)")
+    p.add_argument("--shard-mb", type=float, default=150.0, help="target shard size in MB (default 150)")
+    p.add_argument("--images-per-shard", type=int, help="images per shard (overrides --shard-mb's estimate)")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (default 0)")
+    p.add_argument("--mask-neighbors", action="store_true", help="zero other cells' pixels in each crop")
+    p.add_argument("--encoding", default="png", choices=["png", "jpeg"], help="crop encoding (default png, lossless)")
+    p.add_argument("--png-compression", type=int, default=1, help="PNG zlib level 0-9 (default 1)")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality (default 90)")
+    p.add_argument("--limit", type=int, help="build only the first N images by sorted ID (folds still use all)")
+    p.add_argument("--min-cell-area", type=int, default=0, help="drop cells smaller than this many pixels (default 0)")
+    p.add_argument("--source", default="train", help="source name stored in every record (default train)")
+    p.add_argument("--max-shards", type=int, help="stop after building this many shards (resume later)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    return p
+
+
+def _verify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tfrecord_builder verify",
+        description="Read every shard of a built output and check it against manifest.csv (record counts, "
+        "the count in each shard's name, record order) and decode a sample of crops. Exits 1 on any mismatch.",
+    )
+    p.add_argument("out", help="output folder of a build (local or gs://)")
+    p.add_argument("--sample", type=int, default=2, help="records decoded per shard (default 2)")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    return p
+
+
+def _logging(quiet: bool) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+
+
+def build_main(argv: Sequence[str]) -> int:
+    a = _build_parser().parse_args(argv)
+    _logging(a.quiet)
+    from hpa_tf.io import CsvFormatError
+    from hpa_tf.labels import LabelError
+    from tfrecord_builder.builder import BuildError, BuildOptions, build
+
+    seg_options = {k: v for k, v in (("nuclei_model", a.nuclei_model), ("cell_model", a.cell_model),
+                                     ("device", a.device)) if v is not None}
+    options = BuildOptions(
+        data_dir=a.data_dir, labels=a.labels, out=a.out, crop_size=a.crop_size, segmenter=a.segmenter,
+        segmenter_options=seg_options, masks_dir=a.masks_dir, workers=a.workers, shard_mb=a.shard_mb,
+        images_per_shard=a.images_per_shard, folds=a.folds, seed=a.seed, mask_neighbors=a.mask_neighbors,
+        encoding=a.encoding, png_compression=a.png_compression, jpeg_quality=a.jpeg_quality, limit=a.limit,
+        min_cell_area=a.min_cell_area, source=a.source,
+    )
+    try:
+        result = build(options, progress=not a.no_progress, max_shards=a.max_shards)
+    except (BuildError, LabelError, CsvFormatError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(result.line())
+    if result.complete and result.cells == 0:
+        print(f"error: nothing could be built; see {a.out}/skipped.csv", file=sys.stderr)
+        return 1
+    return 0
+
+
+def verify_main(argv: Sequence[str]) -> int:
+    a = _verify_parser().parse_args(argv)
+    _logging(a.quiet)
+    from tfrecord_builder.builder import verify
+
+    report = verify(a.out, sample=a.sample)
+    for problem in report.problems:
+        print(f"MISMATCH: {problem}", file=sys.stderr)
+    state = "OK" if report.ok else f"FAILED ({len(report.problems)} problem(s))"
+    print(f"{state}: {report.shards} shards, {report.records} records, {report.manifest_rows} manifest rows, "
+          f"{report.decoded} crops decoded")
+    return 0 if report.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "verify":
+        return verify_main(argv[1:])
+    if argv and argv[0] == "build":
+        argv = argv[1:]
+    return build_main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
