@@ -144,15 +144,31 @@ def get_strategy(kind: str = "auto", tpu: str | None = None,
         if n_gpus == 0:
             raise AcceleratorNotFoundError("kind='gpu' but TensorFlow sees no GPU; use kind='cpu' or 'auto'")
         gpu_devices = list(devices) if devices else [d.name for d in tf.config.list_logical_devices("GPU")]
-        strategy = tf.distribute.MirroredStrategy(devices=gpu_devices)
+        strategy = mirrored_strategy(gpu_devices)
         logger.info("MirroredStrategy over %d GPU(s): %s", strategy.num_replicas_in_sync, gpu_devices)
         return strategy
     if devices:
-        strategy = tf.distribute.MirroredStrategy(devices=list(devices))
+        strategy = mirrored_strategy(devices)
         logger.info("MirroredStrategy over CPU devices %s", list(devices))
         return strategy
     logger.info("default strategy on CPU (1 replica)")
     return tf.distribute.get_strategy()
+
+
+_MIRRORED: dict[tuple[str, ...], tf.distribute.MirroredStrategy] = {}
+
+
+def mirrored_strategy(devices: Sequence[str]) -> tf.distribute.MirroredStrategy:
+    """One ``MirroredStrategy`` per device set per process.
+
+    Two MirroredStrategy objects over the same devices in one process hand out the same collective
+    instance keys, and their all-reduces then collide ("Shape mismatch in the collective
+    instance"); reusing the first one avoids that when a process trains more than once.
+    """
+    key = tuple(devices)
+    if key not in _MIRRORED:
+        _MIRRORED[key] = tf.distribute.MirroredStrategy(devices=list(key))
+    return _MIRRORED[key]
 
 
 def global_batch_size(per_replica: int, strategy: tf.distribute.Strategy) -> int:

@@ -1,0 +1,92 @@
+"""Input pipeline throughput on one core: hpa_tf.data.make_dataset vs bare tf.io.decode_png of the same records.
+
+    python benchmarks/bench_input.py [--sizes 128 256 512] [--examples 1500] [--fields 6]
+
+Shards of synthetic cell crops (PNG, as the builder writes them) are made once per crop size in a
+temporary folder (page-cached), then each variant reads ``--examples`` examples after a warm-up:
+
+bare        TFRecordDataset → parse ``image`` → ``decode_png`` → batch (the floor: decode alone)
+pipeline    make_dataset(training=True): interleave, shuffle, repeat, parse, decode, channels,
+            flips/rot90/intensity augmentation, float32, batch (crop size = model size: no resize)
+geometry    the same with flips/rot90 only (no per-channel brightness/contrast)
+eval        make_dataset(training=False): no augmentation, padded last batch
++resize224  the training pipeline resizing to 224 px (antialiased bilinear), for reference
+
+One core: TF intra/inter-op threads and the tf.data thread pool are pinned to 1.
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import one_core, peak_rss_mb  # noqa: E402
+
+one_core()
+
+import tensorflow as tf  # noqa: E402
+
+from hpa_tf import data  # noqa: E402
+from hpa_tf.records import FEATURE_SPEC  # noqa: E402
+
+BATCH = 32
+
+
+def _one_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 1
+    options.threading.max_intra_op_parallelism = 1
+    return ds.with_options(options)
+
+
+def bare(shards: list[str]) -> tf.data.Dataset:
+    spec = {"image": FEATURE_SPEC["image"]}
+
+    def decode(serialized):
+        image = tf.sparse.to_dense(tf.io.parse_single_example(serialized, spec)["image"])
+        return tf.io.decode_png(image[0], channels=4)
+
+    return tf.data.TFRecordDataset(shards).repeat().map(decode).batch(BATCH)
+
+
+def rate(ds: tf.data.Dataset, examples: int) -> float:
+    it = iter(_one_thread(ds))
+    for _ in range(3):  # warm-up: graph tracing, file open, shuffle buffer fill
+        next(it)
+    n_batches = max(1, examples // BATCH)
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        next(it)
+    return n_batches * BATCH / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
+    p.add_argument("--examples", type=int, default=1500, help="examples timed per variant")
+    p.add_argument("--fields", type=int, default=6, help="synthetic 1024 px fields per size (~30 cells each)")
+    a = p.parse_args()
+    tmp = tempfile.mkdtemp(prefix="bench_input_")
+    print(f"one core, batch {BATCH}, {a.examples} examples per variant; examples/s (and % of bare decode)")
+    print(f"{'crop':>5} {'records':>8} {'bare':>8} {'pipeline':>15} {'geometry':>15} {'eval':>15} {'+resize224':>15}")
+    for size in a.sizes:
+        info = data.write_synthetic_shards(f"{tmp}/s{size}", n_fields=a.fields, field_size=1024, crop_size=size,
+                                           n_folds=2, per_shard=64, seed=7)
+        shards = info["shards"]
+        base = rate(bare(shards), a.examples)
+        train = rate(data.make_dataset(shards, BATCH, size, training=True, seed=0, crop_size=size,
+                                       shuffle_buffer=256), a.examples)
+        geometry = rate(data.make_dataset(shards, BATCH, size, training=True, seed=0, crop_size=size, shuffle_buffer=256,
+                                          augment=data.AugmentConfig(brightness=0.0, contrast=0.0)), a.examples)
+        evaluation = rate(data.make_dataset(shards, BATCH, size, training=False, crop_size=size).repeat(), a.examples)
+        resized = rate(data.make_dataset(shards, BATCH, 224, training=True, seed=0, crop_size=size,
+                                         shuffle_buffer=256), a.examples)
+        cells = [f"{v:7.0f} ({100 * v / base:3.0f}%)" for v in (train, geometry, evaluation, resized)]
+        print(f"{size:>5} {info['n_examples']:>8} {base:>8.0f} " + " ".join(f"{c:>15}" for c in cells), flush=True)
+    print(f"peak RSS {peak_rss_mb():.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""Offline prediction: segment every test field, classify every cell, write the submission.
+
+For each field: read (8- or 16-bit), segment (or reuse saved masks), crop every cell with
+``hpa_tf.crops.cell_crops`` using the crop settings each model was trained with (its
+``model.json``), classify in batches, average models and test-time-augmentation views, fuse cell
+and image-level scores, and emit all 19 classes for every cell (only the ranking of confidences
+within a class matters to the metric, so emitting every class never hurts).
+
+Fusion: ``score = (1 - w) · cell + w · image`` where ``image`` is the field's maximum cell score
+of that class and ``w`` is ``image_weight`` (0 turns fusion off). A field's image score ranks its
+cells against other fields' cells, which the per-cell score alone cannot do.
+
+Nothing here reaches the network. Finished fields are cached (one small JSON per field, written
+atomically) so a killed run restarted with the same arguments only does the rest; the CSV is
+written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hpa_tf.crops import DEFAULT_MARGIN, iter_cell_crops
+from hpa_tf.fileutil import atomic_open
+from hpa_tf.io import (
+    ImageReadError,
+    channel_indices,
+    list_image_ids,
+    read_label_image,
+    read_rgby,
+    read_sample_submission,
+)
+from hpa_tf.labels import NUM_CLASSES
+from hpa_tf.submission import (
+    Prediction,
+    SubmissionRow,
+    encode_cells,
+    format_prediction_string,
+    parse_prediction_string,
+    write_submission,
+)
+
+log = logging.getLogger(__name__)
+
+STAGES = ("read", "segment", "crop", "model", "encode")
+
+
+@dataclass
+class PredictConfig:
+    """Everything that defines a prediction run (the cache is keyed on it)."""
+
+    test_dir: str
+    models: list[str]
+    out: str = "submission.csv"
+    ids: list[str] | None = None
+    sample_submission: str | None = None
+    segmenter: str = "builtin"
+    nuclei_model: str | None = None
+    cell_model: str | None = None
+    device: str = "cuda"
+    masks_dir: str | None = None
+    batch_size: int = 32
+    tta: bool = False
+    image_weight: float = 0.3
+    cache_dir: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class ClassifierSpec:
+    """A classifier and the crop/input settings it was trained with (from its model.json)."""
+
+    path: str
+    model: object
+    channels: str = "rgby"
+    image_size: int = 256
+    crop_size: int = 256
+    mask_neighbors: bool = False
+    crop_margin: float = 0.1
+
+    @property
+    def crop_key(self) -> tuple:
+        return (self.crop_size, self.mask_neighbors, self.crop_margin)
+
+
+@dataclass
+class FieldResult:
+    image_id: str
+    width: int
+    height: int
+    prediction_string: str = ""
+    n_cells: int = 0
+    status: str = "ok"  # ok | no_cells | error
+    error: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class PredictError(RuntimeError):
+    """A problem with the prediction run's inputs (models, IDs, folders)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+def load_models(paths: Sequence[str]) -> list[ClassifierSpec]:
+    """Load ``.keras`` classifiers and the settings in the ``model.json`` beside each."""
+    from hpa_tf.model import load_model
+
+    if not paths:
+        raise PredictError("no model given: pass --model PATH.keras")
+    loaded = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise PredictError(f"model file not found: {path}")
+        model, config = load_model(path)
+        config = config or {}
+        loaded.append(
+            ClassifierSpec(
+                path=str(path), model=model, channels=str(config.get("channel_letters") or "rgby"),
+                image_size=int(config.get("image_size") or model.input_shape[1]),
+                crop_size=int(config.get("crop_size") or config.get("image_size") or model.input_shape[1]),
+                mask_neighbors=bool(config.get("mask_neighbors") or False),
+                crop_margin=float(config.get("crop_margin") or DEFAULT_MARGIN),
+            )
+        )
+        channels_in = model.input_shape[-1]
+        if channels_in != len(loaded[-1].channels):
+            raise PredictError(f"{path}: model takes {channels_in} channels but model.json says {loaded[-1].channels!r}")
+    return loaded
+
+
+def _views(batch: np.ndarray, tta: bool) -> list[np.ndarray]:
+    """The test-time views of a (N, S, S, C) batch: identity, and with ``tta`` three flips."""
+    if not tta:
+        return [batch]
+    return [batch, batch[:, :, ::-1], batch[:, ::-1, :], batch[:, ::-1, ::-1]]
+
+
+class _Classifier:
+    """Runs one model on uint8 crops with a fixed-size, traced call (no retracing per batch)."""
+
+    def __init__(self, loaded: ClassifierSpec, batch_size: int):
+        import tensorflow as tf
+
+        from hpa_tf.data import resize
+
+        self.loaded = loaded
+        self.batch_size = batch_size
+        self.index = channel_indices(loaded.channels)
+        size, crop = loaded.image_size, loaded.crop_size
+        model = loaded.model
+
+        # the training pipeline's own resize (hpa_tf.data.resize), on the whole batch
+        @tf.function(input_signature=[tf.TensorSpec([None, crop, crop, len(self.index)], tf.uint8)])
+        def run(x):
+            return model(resize(x, size), training=False)
+
+        self._run = run
+
+    def __call__(self, crops: np.ndarray, tta: bool) -> np.ndarray:
+        x = crops[..., self.index]
+        out = np.zeros((len(x), NUM_CLASSES), np.float64)
+        views = _views(x, tta)
+        for view in views:
+            for start in range(0, len(view), self.batch_size):
+                chunk = np.ascontiguousarray(view[start : start + self.batch_size])
+                out[start : start + len(chunk)] += self._run(chunk).numpy()
+        return out / len(views)
+
+
+def fuse_scores(cell_scores: np.ndarray, image_weight: float) -> np.ndarray:
+    """``(1 - w) · cell + w · max over the field's cells``, per class; ``(N, 19)`` in [0, 1]."""
+    if not 0.0 <= image_weight <= 1.0:
+        raise ValueError(f"image_weight must be in [0, 1], got {image_weight}")
+    if len(cell_scores) == 0 or image_weight == 0:
+        return cell_scores
+    image_scores = cell_scores.max(axis=0, keepdims=True)
+    return (1.0 - image_weight) * cell_scores + image_weight * image_scores
+
+
+# ----------------------------------------------------------------------------------------------
+# One field
+# ----------------------------------------------------------------------------------------------
+
+
+def predict_field(
+    image: np.ndarray,
+    cells: np.ndarray,
+    classifiers: Sequence[_Classifier],
+    tta: bool = False,
+    image_weight: float = 0.3,
+    seconds: dict[str, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell class scores of one segmented field.
+
+    Returns ``(cell_ids (N,), scores (N, 19))``, averaged over models and TTA views, then fused.
+    """
+    seconds = seconds if seconds is not None else {}
+    by_crop: dict[tuple, list[_Classifier]] = {}
+    for clf in classifiers:
+        by_crop.setdefault(clf.loaded.crop_key, []).append(clf)
+    cell_ids: np.ndarray | None = None
+    total = None
+    for (crop_size, mask_neighbors, margin), group in by_crop.items():
+        ids_parts, score_parts = [], []
+        t0 = time.perf_counter()
+        for batch in iter_cell_crops(image, cells, size=crop_size, margin=margin, mask_neighbors=mask_neighbors,
+                                     batch_size=max(clf.batch_size for clf in group)):
+            t1 = time.perf_counter()
+            seconds["crop"] = seconds.get("crop", 0.0) + t1 - t0
+            s = sum(clf(batch.crops, tta) for clf in group)
+            ids_parts.append(batch.cell_ids)
+            score_parts.append(s)
+            t0 = time.perf_counter()
+            seconds["model"] = seconds.get("model", 0.0) + t0 - t1
+        ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
+        scores = np.concatenate(score_parts) if score_parts else np.zeros((0, NUM_CLASSES))
+        if cell_ids is None:
+            cell_ids, total = ids, scores
+        else:
+            if not np.array_equal(ids, cell_ids):
+                raise AssertionError("crop groups disagree on the cells of a field")
+            total = total + scores
+    assert cell_ids is not None and total is not None
+    scores = np.clip(total / len(classifiers), 0.0, 1.0)
+    return cell_ids, fuse_scores(scores, image_weight)
+
+
+def prediction_string(cells: np.ndarray, cell_ids: np.ndarray, scores: np.ndarray) -> str:
+    """All 19 ``label confidence mask`` triples for every cell, masks at full resolution."""
+    masks = encode_cells(cells, [int(i) for i in cell_ids])
+    preds = [
+        Prediction(c, float(scores[k, c]), masks[int(cid)])
+        for k, cid in enumerate(cell_ids)
+        for c in range(NUM_CLASSES)
+    ]
+    return format_prediction_string(preds)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+
+def _requested(config: PredictConfig) -> list[tuple[str, int | None, int | None]]:
+    if config.ids:
+        return [(i, None, None) for i in config.ids]
+    if config.sample_submission:
+        return [(r.image_id, r.width, r.height) for r in read_sample_submission(config.sample_submission)]
+    if not Path(config.test_dir).is_dir():
+        raise PredictError(f"test folder not found: {config.test_dir}")
+    ids = list_image_ids(config.test_dir)
+    if not ids:
+        raise PredictError(f"no fields ({{ID}}_{{red,green,blue,yellow}}.png|jpg|tif) in {config.test_dir}")
+    return [(i, None, None) for i in ids]
+
+
+def _cache_dir(config: PredictConfig) -> Path:
+    """A cache folder keyed on every setting that changes a field's predictions."""
+    key = {
+        k: v for k, v in asdict(config).items()
+        if k in ("test_dir", "segmenter", "nuclei_model", "cell_model", "masks_dir", "tta", "image_weight")
+    }
+    key["models"] = [(str(Path(m).resolve()), os.path.getsize(m), os.path.getmtime(m)) for m in config.models]
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    base = Path(config.cache_dir) if config.cache_dir else Path(f"{config.out}.cache")
+    return base / digest
+
+
+def run(config: PredictConfig, segmenter=None) -> dict:
+    """Predict every requested field and write the submission CSV; returns a summary dict.
+
+    Every requested ID gets a row: a field with no cells, or one that cannot be read, gets an
+    empty PredictionString and is listed in the summary (``failed``, ``no_cells``).
+    """
+    from hpa_tf.distribute import enable_memory_growth
+
+    enable_memory_growth()  # let PyTorch (hpacellseg) share the GPU
+    requested = _requested(config)
+    cache = _cache_dir(config)
+    cache.mkdir(parents=True, exist_ok=True)
+    classifiers = [_Classifier(m, config.batch_size) for m in load_models(config.models)]
+    segmenter = segmenter or _LazySegmenter(config)
+
+    bar = None
+    if config.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(requested), desc="predict", unit="field")
+    results: list[FieldResult] = []
+    t_start = time.perf_counter()
+    n_cached = 0
+    for image_id, width, height in requested:
+        cached = cache / f"{image_id}.json"
+        if cached.is_file():
+            results.append(FieldResult(**json.loads(cached.read_text())))
+            n_cached += 1
+        else:
+            result = _one_field(config, image_id, width, height, classifiers, segmenter)
+            if result.status != "error":  # errors are retried on the next run
+                with atomic_open(cached, "w") as f:
+                    json.dump(asdict(result), f)
+            results.append(result)
+        if bar is not None:
+            bar.update()
+            done = [r for r in results if r.seconds]
+            if done:
+                bar.set_postfix(cells=f"{np.mean([r.n_cells for r in results]):.0f}/field")
+    if bar is not None:
+        bar.close()
+
+    write_submission(
+        config.out,
+        (SubmissionRow(r.image_id, r.width or 1, r.height or 1, parse_prediction_string(r.prediction_string))
+         for r in results),
+    )
+    timed = [r for r in results if r.seconds]
+    summary = {
+        "fields": len(results),
+        "cells": int(sum(r.n_cells for r in results)),
+        "cells_per_field": float(np.mean([r.n_cells for r in results])) if results else 0.0,
+        "cached": n_cached,
+        "failed": [(r.image_id, r.error) for r in results if r.status == "error"],
+        "no_cells": [r.image_id for r in results if r.status == "no_cells"],
+        "seconds_per_field": {
+            s: float(np.mean([r.seconds.get(s, 0.0) for r in timed])) if timed else 0.0 for s in STAGES
+        },
+        "seconds": round(time.perf_counter() - t_start, 2),
+        "out": str(config.out),
+    }
+    return summary
+
+
+class _LazySegmenter:
+    """Builds the configured segmenter on first use (never, when every mask is reused)."""
+
+    def __init__(self, config: PredictConfig):
+        self.config = config
+        self._segmenter = None
+
+    def segment(self, image: np.ndarray):
+        if self._segmenter is None:
+            from hpa_tf.segmentation import get_segmenter
+
+            c = self.config
+            options = {}
+            if c.segmenter == "hpacellseg":
+                options = {"nuclei_model": c.nuclei_model, "cell_model": c.cell_model, "device": c.device}
+            self._segmenter = get_segmenter(c.segmenter, **options)
+        return self._segmenter.segment(image)
+
+
+def _one_field(config, image_id, width, height, classifiers, segmenter) -> FieldResult:
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    try:
+        image = read_rgby(config.test_dir, image_id)
+    except ImageReadError as e:
+        log.warning("%s: skipped: %s", image_id, e)
+        return FieldResult(image_id, width or 0, height or 0, status="error", error=str(e))
+    h, w = image.shape[:2]
+    if (width, height) != (None, None) and (width, height) != (w, h):
+        log.warning("%s: sample submission says %sx%s but the files are %dx%d; using the files' size",
+                    image_id, width, height, w, h)
+    seconds["read"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cells = None
+    if config.masks_dir:
+        mask_path = Path(config.masks_dir) / f"{image_id}_cells.png"
+        if mask_path.is_file():
+            cells = read_label_image(mask_path)
+            if cells.shape != (h, w):
+                return FieldResult(image_id, w, h, status="error",
+                                   error=f"{mask_path}: mask size {cells.shape[::-1]} differs from the field's {(w, h)}")
+    if cells is None:
+        cells, _ = segmenter.segment(image)
+    seconds["segment"] = time.perf_counter() - t0
+    if cells.max() == 0:
+        return FieldResult(image_id, w, h, status="no_cells", seconds=seconds)
+    cell_ids, scores = predict_field(image, cells, classifiers, config.tta, config.image_weight, seconds)
+    if len(cell_ids) == 0:
+        return FieldResult(image_id, w, h, status="no_cells", seconds=seconds)
+    t0 = time.perf_counter()
+    text = prediction_string(cells, cell_ids, scores)
+    seconds["encode"] = time.perf_counter() - t0
+    return FieldResult(image_id, w, h, prediction_string=text, n_cells=len(cell_ids), seconds=seconds)

@@ -1,0 +1,171 @@
+"""predict.py / hpa_tf.predict: every field gets a row, masks are exact, runs offline and resumes."""
+
+import csv
+import socket
+
+import numpy as np
+import pytest
+
+import predict as predict_cli
+from hpa_tf import predict as hp
+from hpa_tf.backbones import build_classifier
+from hpa_tf.io import read_label_image, read_rgby
+from hpa_tf.labels import NUM_CLASSES
+from hpa_tf.model import save_model
+from hpa_tf.segmentation import get_segmenter
+from hpa_tf.submission import decode_mask, read_submission, validate_submission
+from hpa_tf.synthetic import write_dataset
+
+CROP, SIZE = 64, 48
+
+
+def _save_tiny(path, seed, crop=CROP, channels="rgby"):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = build_classifier("tiny_cnn", image_size=SIZE, channels=len(channels))
+    config = {"backbone": "tiny_cnn", "image_size": SIZE, "channels": len(channels), "channel_letters": channels,
+              "crop_size": crop, "mask_neighbors": False, "num_classes": NUM_CLASSES}
+    save_model(model, str(path), config=config)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict_data")
+    write_dataset(root, n_train=0, n_test=3, size=[256, 288], seed=5, bit16_test=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    return [_save_tiny(folder / "a.keras", 1), _save_tiny(folder / "b.keras", 2, channels="gby")]
+
+
+def _config(dataset, models, out, **kw):
+    return hp.PredictConfig(test_dir=str(dataset / "test"), models=models, out=str(out),
+                            sample_submission=str(dataset / "sample_submission.csv"), progress=False, **kw)
+
+
+def test_submission_masks_equal_the_segmenters_masks(dataset, models, tmp_path, monkeypatch):
+    # offline: any attempt to open a network connection fails the run
+    def no_network(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    out = tmp_path / "submission.csv"
+    summary = hp.run(_config(dataset, models, out))
+    assert summary["failed"] == [] and summary["fields"] == 3
+    ids = [r["ID"] for r in csv.DictReader(open(dataset / "sample_submission.csv"))]
+    assert validate_submission(out, expected_ids=ids) == []
+    seg = get_segmenter("builtin")
+    for row in read_submission(out):
+        image = read_rgby(dataset / "test", row.image_id)  # 16-bit files
+        cells, _ = seg.segment(image)
+        assert (row.height, row.width) == cells.shape
+        by_mask: dict[str, list] = {}
+        for p in row.predictions:
+            by_mask.setdefault(p.mask, []).append(p)
+        assert len(by_mask) == cells.max() > 0
+        for preds in by_mask.values():
+            assert sorted(p.label for p in preds) == list(range(NUM_CLASSES))  # all 19 classes per cell
+            assert all(0.0 <= p.confidence <= 1.0 for p in preds)
+        decoded = {tuple(np.flatnonzero(decode_mask(m, row.height, row.width))) for m in by_mask}
+        expected = {tuple(np.flatnonzero(cells == i)) for i in range(1, cells.max() + 1)}
+        assert decoded == expected
+
+
+def test_two_models_are_averaged_and_fused(dataset, models):
+    image = read_rgby(dataset / "test", read_submission_ids(dataset)[0])
+    cells = read_label_image(dataset / "masks" / f"{read_submission_ids(dataset)[0]}_cells.png")
+    clfs = [hp._Classifier(m, 8) for m in hp.load_models(models)]
+    ids, both = hp.predict_field(image, cells, clfs, image_weight=0.0)
+    _, a = hp.predict_field(image, cells, clfs[:1], image_weight=0.0)
+    _, b = hp.predict_field(image, cells, clfs[1:], image_weight=0.0)
+    np.testing.assert_allclose(both, (a + b) / 2, rtol=1e-5, atol=1e-6)
+    assert list(ids) == list(range(1, cells.max() + 1))
+    fused = hp.fuse_scores(both, 0.5)
+    np.testing.assert_allclose(fused, 0.5 * both + 0.5 * both.max(0, keepdims=True))
+    _, tta = hp.predict_field(image, cells, clfs[:1], tta=True, image_weight=0.0)
+    assert tta.shape == a.shape and not np.allclose(tta, a)  # the flipped views do count
+
+
+def read_submission_ids(dataset):
+    return [r["ID"] for r in csv.DictReader(open(dataset / "sample_submission.csv"))]
+
+
+def test_killed_run_resumes_and_does_only_the_rest(dataset, models, tmp_path, monkeypatch):
+    out = tmp_path / "sub.csv"
+    calls = []
+    real = hp._one_field
+
+    def dies_on_second(config, image_id, *args):
+        calls.append(image_id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the run is killed while the second field is in flight
+        return real(config, image_id, *args)
+
+    monkeypatch.setattr(hp, "_one_field", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        hp.run(_config(dataset, models[:1], out))
+    assert not out.exists()  # nothing half-written under the final name
+    calls.clear()
+    monkeypatch.setattr(hp, "_one_field", lambda config, image_id, *a: (calls.append(image_id), real(config, image_id, *a))[1])
+    summary = hp.run(_config(dataset, models[:1], out))
+    ids = read_submission_ids(dataset)
+    assert calls == ids[1:] and summary["cached"] == 1
+    clean = tmp_path / "clean.csv"
+    hp.run(_config(dataset, models[:1], clean, cache_dir=str(tmp_path / "other-cache")))
+    assert out.read_text() == clean.read_text()
+
+
+def test_unreadable_and_empty_fields_get_empty_rows_and_a_failing_status(dataset, models, tmp_path, capsys):
+    import shutil
+
+    import cv2
+
+    test = tmp_path / "test"
+    shutil.copytree(dataset / "test", test)
+    ids = sorted({p.name.rsplit("_", 1)[0] for p in test.iterdir()})
+    (test / f"{ids[0]}_green.png").unlink()  # missing channel
+    for ch in ("red", "green", "blue", "yellow"):  # all dark: no cells
+        cv2.imwrite(str(test / f"dark_{ch}.png"), np.zeros((128, 128), np.uint8))
+    out = tmp_path / "s.csv"
+    code = predict_cli.main(["--test-dir", str(test), "--model", models[0], "--out", str(out), "--no-progress"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert ids[0] in err and "green" in err
+    rows = {r.image_id: r for r in read_submission(out)}
+    assert set(rows) == set(ids) | {"dark"}
+    assert rows[ids[0]].predictions == [] and rows["dark"].predictions == []
+    assert rows[ids[1]].predictions
+
+
+def test_masks_dir_is_reused_and_bad_arguments_are_clear(dataset, models, tmp_path, capsys):
+    out = tmp_path / "m.csv"
+    hp.run(_config(dataset, models[:1], out, masks_dir=str(dataset / "masks")))
+    for row in read_submission(out):
+        truth = read_label_image(dataset / "masks" / f"{row.image_id}_cells.png")
+        assert len({p.mask for p in row.predictions}) == truth.max()
+    assert predict_cli.main(["--test-dir", str(dataset / "test"), "--model", str(tmp_path / "none.keras"),
+                             "--out", str(out)]) == 2
+    assert "none.keras" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        predict_cli.parse_args(["--help"])
+    with pytest.raises(ValueError):
+        hp.fuse_scores(np.zeros((2, NUM_CLASSES)), 1.5)
+
+
+def test_predictor_resizes_a_batch_exactly_as_training_resizes_each_crop():
+    import tensorflow as tf
+
+    from hpa_tf.data import resize
+
+    crops = np.random.default_rng(0).integers(0, 256, (5, CROP, CROP, 4)).astype(np.uint8)
+    for size in (SIZE, CROP, 96):
+        batch = resize(tf.constant(crops), size).numpy()
+        each = np.stack([resize(tf.constant(c), size).numpy() for c in crops])
+        assert batch.shape == (5, size, size, 4)
+        np.testing.assert_array_equal(batch, each)
