@@ -77,11 +77,12 @@ def plot_per_class_ap(per_class_ap: Sequence[float], n_truth: Sequence[int], out
     colors = ["#4c72b0" if not math.isnan(v) else "#cccccc" for v in ap]
     ax.barh(y, shown, color=colors)
     for i, (v, n) in enumerate(zip(ap, n_truth)):
-        ax.text(min(shown[i] + 0.01, 0.9), i, "no truth" if math.isnan(v) else f"{v:.2f} (n={n})", va="center",
+        ax.text(shown[i] + 0.01, i, "no truth" if math.isnan(v) else f"{v:.2f} (n={n})", va="center",
                 fontsize=8)
     ax.set_yticks(y, [f"{i} {SHORT_NAMES[i]}" for i in range(NUM_CLASSES)], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlim(0, 1.05)
+    ax.set_xlim(0, 1.22)
+    ax.set_xticks(np.linspace(0, 1, 6))
     ax.set_xlabel("average precision (IoU ≥ 0.6)")
     ax.set_title(title)
     fig.tight_layout()
@@ -117,7 +118,7 @@ def plot_crop_montage(
     plt = _pyplot()
     n = len(crops)
     rows = max(1, math.ceil(n / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.9, rows * 2.25))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.9, rows * 2.6))
     axes = np.atleast_1d(axes).ravel()
     for ax in axes:
         ax.axis("off")

@@ -450,6 +450,7 @@ def _render(
                             red_cell, yellow_cell, c, off, centre, centro, fib_w),
             )
         green[bb] += g * float(rng.uniform(0.5, 1.0)) * (0.55 + 0.45 * er_tex[bb])
+    _debris(rng, (red, green, yellow), r_mean)
     stack = np.stack([red, green, blue, yellow], axis=-1)
     # optics: blur, background offset, noise
     sigma = max(0.6, r_mean * 0.006)
@@ -459,6 +460,20 @@ def _render(
     stack += rng.uniform(0.01, 0.04, 4).astype(np.float32)
     stack += rng.standard_normal(stack.shape, dtype=np.float32) * np.float32(0.012)
     return np.clip(stack, 0.0, 1.0)
+
+
+def _debris(rng: np.random.Generator, planes: tuple[np.ndarray, np.ndarray, np.ndarray], r_mean: float) -> None:
+    """Bright specks of debris anywhere in the (red, green, yellow) planes, never in blue: what a
+    segmenter must not take for cells."""
+    size = planes[0].shape[0]
+    n = int(rng.integers(4, 16))
+    for _ in range(n):
+        x, y = (int(v) for v in rng.uniform(0, size, 2))
+        r = max(1, int(r_mean * float(rng.uniform(0.03, 0.15))))
+        values = rng.uniform(0.3, 1.0, 3) * np.array([0.8, float(rng.random() < 0.3), 1.0])
+        for plane, value in zip(planes, values):
+            if value > 0:
+                cv2.circle(plane, (x, y), r, float(value), -1, lineType=cv2.LINE_AA)
 
 
 def _draw_green(

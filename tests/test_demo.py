@@ -1,0 +1,33 @@
+"""`python -m hpa_tf demo --quick`: the README's main command, end to end, and its resume."""
+
+import json
+
+from hpa_tf.demo import main
+from hpa_tf.io import read_sample_submission
+from hpa_tf.submission import validate_submission
+
+
+def test_quick_demo_runs_end_to_end_learns_and_resumes(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for stage in range(1, 7):
+        assert f"[{stage}/6]" in printed
+    figures = json.loads((out / "figures.json").read_text())
+    # learning for real: better than the same cells with random confidences, and a sane level
+    assert figures["mAP"] >= 0.6
+    assert figures["mAP"] > figures["chance_mAP"]
+    assert figures["segmentation"]["cell_recall"] >= 0.8
+    report = (out / "report.md").read_text()
+    assert f"mAP {figures['mAP']:.3f}" in report
+    for picture in ("training", "per_class_ap", "segmentation", "cells"):
+        assert f"pictures/{picture}.png" in report
+        assert (out / "pictures" / f"{picture}.png").stat().st_size > 10_000
+    ids = [r.image_id for r in read_sample_submission(out / "data" / "sample_submission.csv")]
+    assert validate_submission(out / "submission.csv", expected_ids=ids) == []
+
+    # a second run keeps every finished stage and reports the same result
+    assert main(["--quick", "--out", str(out)]) == 0
+    again = capsys.readouterr().out
+    assert "already there, kept" in again
+    assert json.loads((out / "figures.json").read_text())["mAP"] == figures["mAP"]
