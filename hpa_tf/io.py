@@ -239,18 +239,24 @@ def read_sample_submission(path: str | os.PathLike) -> list[SampleRow]:
     return rows
 
 
-def write_label_image(path: str | os.PathLike, labels: np.ndarray) -> None:
-    """Write an int label image as a uint16 PNG, atomically (ids must be < 65536)."""
+def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write an image array as PNG (8 or 16 bit, 1, 3 or 4 planes in OpenCV's BGR(A) order),
+    under a temporary name renamed when complete."""
     from hpa_tf.fileutil import atomic_path
 
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(array))
+    if not ok:
+        raise OSError(f"{path}: PNG encoding failed")
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(buf.tobytes())
+
+
+def write_label_image(path: str | os.PathLike, labels: np.ndarray) -> None:
+    """Write an int label image as a uint16 PNG, atomically (ids must be < 65536)."""
     labels = np.asarray(labels)
     if labels.size and int(labels.max()) > 65535:
         raise ValueError(f"{path}: label ids above 65535 cannot be stored in a uint16 PNG")
-    ok, buf = cv2.imencode(".png", labels.astype(np.uint16))
-    if not ok:
-        raise IOError(f"{path}: PNG encoding failed")
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(buf.tobytes())
+    write_png(path, labels.astype(np.uint16))
 
 
 def read_label_image(path: str | os.PathLike) -> np.ndarray:

@@ -36,7 +36,8 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from hpa_tf.fileutil import atomic_open, atomic_path
+from hpa_tf.fileutil import atomic_open
+from hpa_tf.io import write_label_image, write_png
 from hpa_tf.labels import NEGATIVE, NUM_CLASSES, format_labels
 
 log = logging.getLogger(__name__)
@@ -570,24 +571,16 @@ def _image_id(seed: int, split: str, index: int) -> str:
     return str(uuid.UUID(bytes=rng.bytes(16), version=4))
 
 
-def _write_png(path: Path, array: np.ndarray) -> None:
-    ok, buf = cv2.imencode(".png", array)
-    if not ok:
-        raise OSError(f"{path}: PNG encoding failed")
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(buf.tobytes())
-
-
 def _make_one(job: tuple) -> tuple[str, str, int, dict[int, list[int]], list[int]]:
     out, split, index, image_id, seed, size, bit16, cell_dropout, weights = job
     f = generate_field([seed, {"train": 0, "test": 1}[split], index], size=size, bit16=bit16,
                        cell_dropout=cell_dropout, weights=weights)
     folder = Path(out) / split
     for k, ch in enumerate(("red", "green", "blue", "yellow")):
-        _write_png(folder / f"{image_id}_{ch}.png", f.image[..., k])
+        write_png(folder / f"{image_id}_{ch}.png", f.image[..., k])
     masks = Path(out) / "masks"
-    _write_png(masks / f"{image_id}_cells.png", f.cells.astype(np.uint16))
-    _write_png(masks / f"{image_id}_nuclei.png", f.nuclei.astype(np.uint16))
+    write_label_image(masks / f"{image_id}_cells.png", f.cells)
+    write_label_image(masks / f"{image_id}_nuclei.png", f.nuclei)
     return split, image_id, size, f.cell_labels, f.image_labels
 
 

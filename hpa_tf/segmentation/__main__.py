@@ -16,7 +16,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from hpa_tf.segmentation import BACKENDS, draw_overlay, get_segmenter
@@ -44,21 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _write_png(path: Path, array: np.ndarray) -> None:
-    from hpa_tf.fileutil import atomic_path
-
-    ok, buf = cv2.imencode(".png", array)
-    if not ok:
-        raise OSError(f"{path}: PNG encoding failed")
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(buf.tobytes())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 some field failed, 2 bad arguments)."""
     from tqdm import tqdm
 
-    from hpa_tf.io import ImageReadError, list_image_ids, read_rgby, write_label_image
+    from hpa_tf.io import ImageReadError, list_image_ids, read_rgby, write_label_image, write_png
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -115,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_label_image(paths[1], nuclei)
         if args.overlay:
             rgb = draw_overlay(image, cells, nuclei, max_size=args.overlay_size)
-            _write_png(paths[2], np.ascontiguousarray(rgb[..., ::-1]))
+            write_png(paths[2], rgb[..., ::-1])
         bar.set_postfix(cells=counts[-1])
     bar.close()
 
