@@ -182,7 +182,7 @@ def _write_report(out, settings, data, train_dir, model_path, built, trained, pr
     from hpa_tf.crops import cell_crops
     from hpa_tf.io import read_sample_submission
     from hpa_tf.labels import CLASS_NAMES, SHORT_NAMES
-    from hpa_tf.predict import _Classifier, load_models
+    from hpa_tf.predict import Classifier, load_models
     from hpa_tf.segmentation import draw_overlay
 
     pics = out / "pictures"
@@ -205,7 +205,7 @@ def _write_report(out, settings, data, train_dir, model_path, built, trained, pr
         for row in csv.DictReader(f):
             truth[(row["ID"], int(row["CellId"]))] = [int(c) for c in row["Label"].split("|")]
     loaded = load_models([model_path])[0]
-    clf = _Classifier(loaded, 64)
+    clf = Classifier(loaded, 64)
     from hpa_tf.segmentation.evaluate import contingency
 
     crops_all, scores_all, truth_all = [], [], []

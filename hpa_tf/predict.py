@@ -146,7 +146,7 @@ def _views(batch: np.ndarray, tta: bool) -> list[np.ndarray]:
     return [batch, batch[:, :, ::-1], batch[:, ::-1, :], batch[:, ::-1, ::-1]]
 
 
-class _Classifier:
+class Classifier:
     """Runs one model on uint8 crops with a fixed-size, traced call (no retracing per batch)."""
 
     def __init__(self, loaded: ClassifierSpec, batch_size: int):
@@ -196,7 +196,7 @@ def fuse_scores(cell_scores: np.ndarray, image_weight: float) -> np.ndarray:
 def predict_field(
     image: np.ndarray,
     cells: np.ndarray,
-    classifiers: Sequence[_Classifier],
+    classifiers: Sequence[Classifier],
     tta: bool = False,
     image_weight: float = 0.3,
     seconds: dict[str, float] | None = None,
@@ -206,7 +206,7 @@ def predict_field(
     Returns ``(cell_ids (N,), scores (N, 19))``, averaged over models and TTA views, then fused.
     """
     seconds = seconds if seconds is not None else {}
-    by_crop: dict[tuple, list[_Classifier]] = {}
+    by_crop: dict[tuple, list[Classifier]] = {}
     for clf in classifiers:
         by_crop.setdefault(clf.loaded.crop_key, []).append(clf)
     cell_ids: np.ndarray | None = None
@@ -289,7 +289,7 @@ def run(config: PredictConfig, segmenter=None) -> dict:
     requested = _requested(config)
     cache = _cache_dir(config)
     cache.mkdir(parents=True, exist_ok=True)
-    classifiers = [_Classifier(m, config.batch_size) for m in load_models(config.models)]
+    classifiers = [Classifier(m, config.batch_size) for m in load_models(config.models)]
     segmenter = segmenter or _LazySegmenter(config)
 
     bar = None

@@ -80,7 +80,7 @@ def test_submission_masks_equal_the_segmenters_masks(dataset, models, tmp_path, 
 def test_two_models_are_averaged_and_fused(dataset, models):
     image = read_rgby(dataset / "test", read_submission_ids(dataset)[0])
     cells = read_label_image(dataset / "masks" / f"{read_submission_ids(dataset)[0]}_cells.png")
-    clfs = [hp._Classifier(m, 8) for m in hp.load_models(models)]
+    clfs = [hp.Classifier(m, 8) for m in hp.load_models(models)]
     ids, both = hp.predict_field(image, cells, clfs, image_weight=0.0)
     _, a = hp.predict_field(image, cells, clfs[:1], image_weight=0.0)
     _, b = hp.predict_field(image, cells, clfs[1:], image_weight=0.0)
