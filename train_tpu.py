@@ -38,6 +38,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--balance-threshold", type=float, default=0.05,
                    help="classes rarer than this fraction of examples are repeated sqrt(threshold/freq) times")
     g.add_argument("--no-augment", action="store_true", help="no flips/rotations/intensity jitter")
+    g.add_argument("--augment-on", default="device", choices=["device", "host"],
+                   help="where flips/rotations/intensity jitter run: 'device' = inside the training step on the "
+                        "accelerator (default), 'host' = in tf.data on the CPU")
     g.add_argument("--scale-augment", type=float, nargs=2, metavar=("LO", "HI"),
                    help="random square sub-crop of LO..HI of the crop side before resizing, e.g. 0.8 1.0")
     g.add_argument("--shuffle-buffer", type=int, default=1024, help="examples in the shuffle buffer")
@@ -87,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=a.batch_size, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch, lr=a.lr,
         warmup_epochs=a.warmup_epochs, min_lr_fraction=a.min_lr_fraction, weight_decay=a.weight_decay,
         weights=a.weights, dropout=a.dropout, focal_gamma=a.focal_gamma, focal_alpha=a.focal_alpha,
-        label_smoothing=a.label_smoothing, augment=not a.no_augment,
+        label_smoothing=a.label_smoothing, augment=not a.no_augment, augment_on=a.augment_on,
         scale_augment=tuple(a.scale_augment) if a.scale_augment else None, balance=a.balance,
         balance_threshold=a.balance_threshold, shuffle_buffer=a.shuffle_buffer,
         steps_per_execution=a.steps_per_execution, mixed_precision=a.mixed_precision, strategy=a.strategy,

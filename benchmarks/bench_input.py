@@ -6,11 +6,14 @@ Shards of synthetic cell crops (PNG, as the builder writes them) are made once p
 temporary folder (page-cached), then each variant reads ``--examples`` examples after a warm-up:
 
 bare        TFRecordDataset → parse ``image`` → ``decode_png`` → batch (the floor: decode alone)
-pipeline    make_dataset(training=True): interleave, shuffle, repeat, parse, decode, channels,
-            flips/rot90/intensity augmentation, float32, batch (crop size = model size: no resize)
-geometry    the same with flips/rot90 only (no per-channel brightness/contrast)
+pipeline    the default training input (``train --augment-on device``): make_dataset(training=True)
+            with no host augmentation: interleave, shuffle, repeat, parse, decode, channels, float32,
+            batch (crop size = model size: no resize); flips/rot90/intensity run in the training
+            step on the accelerator (``hpa_tf.augment.RandomAugment``), see bench_train.py
+host-aug    ``--augment-on host``: the same plus flips/rot90/intensity per example in tf.data
+host-geom   host flips/rot90 only (no per-channel brightness/contrast)
 eval        make_dataset(training=False): no augmentation, padded last batch
-+resize224  the training pipeline resizing to 224 px (antialiased bilinear), for reference
++resize224  the default training pipeline resizing to 224 px (antialiased bilinear), for reference
 
 One core: TF intra/inter-op threads and the tf.data thread pool are pinned to 1.
 """
@@ -32,6 +35,8 @@ from hpa_tf import data  # noqa: E402
 from hpa_tf.records import FEATURE_SPEC  # noqa: E402
 
 BATCH = 32
+#: host side of the default training input: augmentation runs on the device (train.host_augmentation)
+DEVICE_MODE = data.AugmentConfig(flip=False, rotate90=False, brightness=0.0, contrast=0.0)
 
 
 def _one_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -53,7 +58,7 @@ def bare(shards: list[str]) -> tf.data.Dataset:
 
 def rate(ds: tf.data.Dataset, examples: int) -> float:
     it = iter(_one_thread(ds))
-    for _ in range(3):  # warm-up: graph tracing, file open, shuffle buffer fill
+    for _ in range(10):  # warm-up: graph tracing, file open, shuffle buffer fill, tf.data autotuning
         next(it)
     n_batches = max(1, examples // BATCH)
     t0 = time.perf_counter()
@@ -70,20 +75,23 @@ def main() -> None:
     a = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench_input_")
     print(f"one core, batch {BATCH}, {a.examples} examples per variant; examples/s (and % of bare decode)")
-    print(f"{'crop':>5} {'records':>8} {'bare':>8} {'pipeline':>15} {'geometry':>15} {'eval':>15} {'+resize224':>15}")
+    names = ("pipeline", "host-aug", "host-geom", "eval", "+resize224")
+    print(f"{'crop':>5} {'records':>8} {'bare':>8} " + " ".join(f"{n:>15}" for n in names))
     for size in a.sizes:
         info = data.write_synthetic_shards(f"{tmp}/s{size}", n_fields=a.fields, field_size=1024, crop_size=size,
                                            n_folds=2, per_shard=64, seed=7)
         shards = info["shards"]
         base = rate(bare(shards), a.examples)
         train = rate(data.make_dataset(shards, BATCH, size, training=True, seed=0, crop_size=size,
-                                       shuffle_buffer=256), a.examples)
+                                       shuffle_buffer=256, augment=DEVICE_MODE), a.examples)
+        host = rate(data.make_dataset(shards, BATCH, size, training=True, seed=0, crop_size=size,
+                                      shuffle_buffer=256, augment=data.AugmentConfig()), a.examples)
         geometry = rate(data.make_dataset(shards, BATCH, size, training=True, seed=0, crop_size=size, shuffle_buffer=256,
                                           augment=data.AugmentConfig(brightness=0.0, contrast=0.0)), a.examples)
         evaluation = rate(data.make_dataset(shards, BATCH, size, training=False, crop_size=size).repeat(), a.examples)
         resized = rate(data.make_dataset(shards, BATCH, 224, training=True, seed=0, crop_size=size,
-                                         shuffle_buffer=256), a.examples)
-        cells = [f"{v:7.0f} ({100 * v / base:3.0f}%)" for v in (train, geometry, evaluation, resized)]
+                                         shuffle_buffer=256, augment=DEVICE_MODE), a.examples)
+        cells = [f"{v:7.0f} ({100 * v / base:3.0f}%)" for v in (train, host, geometry, evaluation, resized)]
         print(f"{size:>5} {info['n_examples']:>8} {base:>8.0f} " + " ".join(f"{c:>15}" for c in cells), flush=True)
     print(f"peak RSS {peak_rss_mb():.0f} MB")
 

@@ -2,10 +2,14 @@
 
     python benchmarks/bench_train.py [--image-size 128] [--batch-size 16] [--steps 15] [--backbone efficientnet_b0]
 
-Both runs use the same model, loss, optimizer and metrics as ``hpa_tf.train`` (``compile_model``);
+Both runs use the same model, loss, optimizer and metrics as ``hpa_tf.train`` (``compile_model``)
+and its default ``--augment-on device``: the model carries the on-device augmentation block
+(``hpa_tf.augment.RandomAugment``: flips/rot90/intensity inside the training step, so the figures
+include it) and the host pipeline only decodes and batches (``train.host_augmentation``).
 ``memory`` repeats one batch already in memory (no input cost), ``pipeline`` reads synthetic
-shards through ``hpa_tf.data.make_dataset`` (training: shuffle, augment, decode). If the two rates
-match, the pipeline is not the bottleneck. All cores of the machine are used (no pinning).
+shards through ``hpa_tf.data.make_dataset`` (training: shuffle, decode). If the two rates match,
+the pipeline is not the bottleneck. ``--augment-on host`` measures the tf.data-augmented variant.
+All cores of the machine are used (no pinning).
 """
 
 import argparse
@@ -37,20 +41,23 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=15, help="timed training steps per variant")
     p.add_argument("--backbone", default="efficientnet_b0")
+    p.add_argument("--augment-on", default="device", choices=["device", "host"])
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     size, batch = a.image_size, a.batch_size
     shards = data.write_synthetic_shards(tempfile.mkdtemp(prefix="bench_train_"), n_fields=6, field_size=768,
                                          crop_size=size, n_folds=2, per_shard=64, seed=3)["shards"]
-    config = train.TrainConfig(data="", out="", backbone=a.backbone, image_size=size)
-    model = build_classifier(a.backbone, size, 4, dropout=0.2)
+    config = train.TrainConfig(data="", out="", backbone=a.backbone, image_size=size, augment_on=a.augment_on)
+    host_augment, device_augment = train.host_augmentation(config)
+    model = build_classifier(a.backbone, size, 4, dropout=0.2, augment=device_augment)
     train.compile_model(model, config, total_steps=10_000, warmup_steps=100)
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 255, (batch, size, size, 4)).astype(np.float32)
     y = (rng.random((batch, 19)) < 0.15).astype(np.float32)
     memory = tf.data.Dataset.from_tensors((x, y)).repeat()
-    pipeline = data.make_dataset(shards, batch, size, training=True, seed=0, crop_size=size, shuffle_buffer=256)
+    pipeline = data.make_dataset(shards, batch, size, training=True, seed=0, crop_size=size, shuffle_buffer=256,
+                                 augment=host_augment)
 
     n_input = 40 * batch
     it = iter(pipeline)
@@ -63,7 +70,8 @@ def main() -> None:
     rate_memory = images_per_second(model, memory, a.steps, batch)
     rate_pipeline = images_per_second(model, pipeline, a.steps, batch)
     print(f"{a.backbone} {size} px, batch {batch}, {a.steps} steps, {tf.config.threading.get_intra_op_parallelism_threads()}"
-          f" intra-op threads (0 = all cores)")
+          f" intra-op threads (0 = all cores); augmentation on {a.augment_on}"
+          f" ({'in the model' if device_augment else 'in tf.data'})")
     print(f"input pipeline alone   {input_rate:8.1f} examples/s")
     print(f"train, in-memory batch {rate_memory:8.1f} images/s")
     print(f"train, input pipeline  {rate_pipeline:8.1f} images/s ({100 * rate_pipeline / rate_memory:.0f}% of in-memory)")

@@ -3,7 +3,9 @@
 They follow ``hpa_tf.model.build_model``'s contract: input ``(B, S, S, C)`` float32 on the 0..255
 scale, one ``Rescaling(1/255)`` and one ``Normalization`` layer in front (so
 ``hpa_tf.model.get_normalization``/``set_normalization`` work on them), output ``(B, 19)`` float32
-sigmoid, standard Keras layers only (a ``.keras`` file loads without custom objects).
+sigmoid, standard Keras layers only (a ``.keras`` file loads without custom objects), except the
+optional on-device augmentation block (``augment=...``, ``hpa_tf.augment.RandomAugment``, registered
+when ``hpa_tf.model`` is imported).
 ``build_classifier`` dispatches: a name here, else ``hpa_tf.model.build_model``.
 """
 
@@ -37,15 +39,19 @@ def build_tiny_cnn(
     widths: Sequence[int] = TINY_BACKBONES["tiny_cnn"],
     num_classes: int = NUM_CLASSES,
     normalization: Mapping[str, Any] | None = None,
+    augment: Mapping[str, Any] | None = None,
 ) -> keras.Model:
     """A small VGG-like conv net: per stage a stride-2 3×3 conv and a 3×3 conv (BN, ReLU), then
     global average pooling, dropout and ``num_classes`` float32 sigmoids.
 
     ``(B, S, S, C)`` float32 0..255 → ``(B, num_classes)``. About 70k parameters with the default widths.
+    ``augment``: settings of an on-device training augmentation block after the input, as in
+    ``hpa_tf.model.build_model`` (None: none).
     """
     norm = dict(normalization) if normalization is not None else hpa_model.default_normalization("efficientnet_b0", channels)
     inputs = keras.Input((image_size, image_size, channels), dtype="float32", name="image")
-    x = keras.layers.Rescaling(hpa_model.PIXEL_SCALE, name="pixel_rescaling")(inputs)
+    x = hpa_model.augment_block(inputs, augment)
+    x = keras.layers.Rescaling(hpa_model.PIXEL_SCALE, name="pixel_rescaling")(x)
     x = keras.layers.Normalization(axis=-1, name="pixel_normalization")(x)
     for i, width in enumerate(widths):
         for j, stride in enumerate((2, 1)):
@@ -68,12 +74,13 @@ def build_classifier(
     weights: str | os.PathLike | None = None,
     dropout: float = 0.2,
     normalization: Mapping[str, Any] | None = None,
+    augment: Mapping[str, Any] | None = None,
 ) -> keras.Model:
     """``build_tiny_cnn`` for a name in ``TINY_BACKBONES``, else ``hpa_tf.model.build_model``."""
     if is_tiny(backbone):
         if weights is not None:
             raise ValueError(f"backbone {backbone!r} has no pretrained weights (got weights={weights!r})")
         return build_tiny_cnn(image_size, channels, dropout, TINY_BACKBONES[str(backbone).lower()],
-                              normalization=normalization)
+                              normalization=normalization, augment=augment)
     return hpa_model.build_model(backbone, image_size=image_size, channels=channels, weights=weights, dropout=dropout,
-                                 normalization=normalization)
+                                 normalization=normalization, augment=augment)

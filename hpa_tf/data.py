@@ -405,6 +405,11 @@ class AugmentConfig:
     contrast: float = 0.1
     scale: tuple[float, float] | None = None
 
+    @property
+    def active(self) -> bool:
+        """True when any augmentation is on."""
+        return bool(self.flip or self.rotate90 or self.brightness or self.contrast or self.scale is not None)
+
 
 def _uniform(seed: tf.Tensor, n: int | tf.Tensor) -> tf.Tensor:
     """(n,) float32 uniform in [0, 1) from a (2,) integer seed (stateless: same seed, same values)."""
@@ -674,8 +679,8 @@ def make_dataset(
     repeat = training if repeat is None else repeat
     if training and augment is None:
         augment = AugmentConfig()
-    if not training:
-        augment = None
+    if not training or (augment is not None and not augment.active):
+        augment = None  # nothing random per example: the plain decode/resize map, no per-example draws
     rng = np.random.default_rng(seed)
 
     def new_seed() -> int:

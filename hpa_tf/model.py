@@ -40,6 +40,7 @@ import keras
 import numpy as np
 
 from hpa_tf import fileutil
+from hpa_tf.augment import RandomAugment, augment_settings, model_augment_settings
 from hpa_tf.io import CHANNELS
 from hpa_tf.labels import CLASS_NAMES, NUM_CLASSES
 
@@ -222,6 +223,7 @@ def build_model(
     dropout: float = 0.2,
     num_classes: int = NUM_CLASSES,
     normalization: Mapping[str, Any] | None = None,
+    augment: Mapping[str, Any] | None = None,
 ) -> keras.Model:
     """EfficientNet classifier: ``(B, S, S, C)`` float32 0..255 -> ``(B, num_classes)`` float32 sigmoid.
 
@@ -248,6 +250,10 @@ def build_model(
         Number of sigmoid outputs.
     normalization
         ``{"mean": [C], "std": [C]}`` on the 0..1 scale; default :func:`default_normalization`.
+    augment
+        None, or settings of an on-device training augmentation block placed right after the
+        input (:func:`augment_block`): ``{"flip", "rotate90", "brightness", "contrast", "seed"}``,
+        missing keys default as in :data:`hpa_tf.augment.DEFAULTS`. Identity at inference.
 
     Raises
     ------
@@ -266,7 +272,7 @@ def build_model(
     _check_normalization(norm, channels)
 
     inputs = keras.Input((image_size, image_size, channels), dtype="float32", name="image")
-    x = inputs
+    x = augment_block(inputs, augment)
     if _is_v2(canonical):  # V1 carries the same two layers inside the backbone
         x = keras.layers.Rescaling(PIXEL_SCALE, name="pixel_rescaling")(x)
         x = keras.layers.Normalization(axis=-1, name="pixel_normalization")(x)
@@ -282,6 +288,17 @@ def build_model(
     logger.info("built %s: %dx%dx%d -> %d, weights=%s, %.2fM params", canonical, image_size, image_size,
                 channels, num_classes, weights, model.count_params() / 1e6)
     return model
+
+
+def augment_block(inputs: Any, augment: Mapping[str, Any] | None) -> Any:
+    """``inputs`` through a :class:`hpa_tf.augment.RandomAugment` layer named ``augment`` (None: unchanged).
+
+    The one place models get their on-device augmentation (``build_model`` and ``hpa_tf.backbones``).
+    """
+    settings = augment_settings(augment)
+    if settings is None:
+        return inputs
+    return RandomAugment(**settings, name="augment")(inputs)
 
 
 def backbone_layer(model: keras.Model) -> keras.Model:
@@ -450,19 +467,22 @@ def model_config(
 
     ``source`` is a model from :func:`build_model` (everything is read from it) or the
     arguments it was built with (``backbone``, ``image_size``, ``channels``, optional
-    ``num_classes``/``normalization``). ``extra`` (e.g. training settings) is added as is.
+    ``num_classes``/``normalization``/``augment``). ``augment`` records the on-device training
+    augmentation (None without one; it is the identity at inference). ``extra`` (e.g. training settings) is added as is.
     """
     if isinstance(source, keras.Model):
         backbone = resolve_backbone(backbone_layer(source).name)
         _, image_size, _, channels = source.input_shape
         num_classes = int(source.output_shape[-1])
         normalization = get_normalization(source)
+        augment = model_augment_settings(source)
     else:
         args = vars(source) if isinstance(source, argparse.Namespace) else dict(source)
         backbone = resolve_backbone(args["backbone"])
         image_size, channels = args["image_size"], args["channels"]
         num_classes = int(args.get("num_classes") or NUM_CLASSES)
         normalization = args.get("normalization") or default_normalization(backbone, channels)
+        augment = augment_settings(args.get("augment"))
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for {num_classes} outputs")
     if channel_names is None:
@@ -478,6 +498,7 @@ def model_config(
         "channel_names": list(channel_names) if channel_names is not None else None,
         "input": {"dtype": "float32", "range": [0, 255], "layout": "NHWC"},
         "normalization": normalization,
+        "augment": augment,
         "num_classes": num_classes,
         "class_names": list(class_names),
         "activation": "sigmoid",

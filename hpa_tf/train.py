@@ -5,7 +5,10 @@
 strategy   ``hpa_tf.distribute``: TPU / GPUs / CPU, mixed-precision policy, global batch =
            per-replica batch × replicas (``tf.data`` yields global batches; Keras splits them).
 input      ``hpa_tf.data``: shards of the training folds and the held-out fold, counted from the
-           manifest; steps per epoch = training examples // global batch unless given.
+           manifest; steps per epoch = training examples // global batch unless given. By default
+           (``augment_on="device"``) the flips/rotations/intensity jitter run on the accelerator in
+           the training step (``hpa_tf.augment.RandomAugment`` after the model input) and tf.data
+           only decodes, resizes and batches; ``augment_on="host"`` does them in tf.data.
 model      built (``hpa_tf.model.build_model``, or ``hpa_tf.backbones`` for ``tiny_cnn``) and
            compiled under ``strategy.scope()``: AdamW, linear warm-up then cosine decay
            (``CosineDecay(warmup_target=…)``), ``BinaryFocalCrossentropy``, multi-label AUC and
@@ -36,6 +39,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from hpa_tf import augment as hpa_augment
 from hpa_tf import data as hpa_data
 from hpa_tf import distribute, fileutil
 from hpa_tf import model as hpa_model
@@ -61,6 +65,9 @@ class TrainConfig:
 
     Sizes are in pixels; ``batch_size`` is PER REPLICA; ``lr`` is the peak learning rate reached
     after ``warmup_epochs`` and decayed by a cosine to ``lr × min_lr_fraction`` at the last step.
+    ``augment_on``: ``"device"`` runs flips/rotations/intensity jitter inside the training step
+    (``hpa_tf.augment.RandomAugment`` after the model input; the host only decodes, resizes and
+    batches, plus the ``scale_augment`` crop, which changes sizes); ``"host"`` runs them in tf.data.
     """
 
     data: str | Sequence[str]
@@ -84,6 +91,7 @@ class TrainConfig:
     focal_alpha: float | None = None
     label_smoothing: float = 0.0
     augment: bool = True
+    augment_on: str = "device"
     scale_augment: tuple[float, float] | None = None
     brightness: float = 0.05
     contrast: float = 0.1
@@ -332,6 +340,24 @@ def channel_normalization(backbone: str, channels: str) -> dict[str, Any]:
     return {**full, "mean": [full["mean"][i] for i in idx], "std": [full["std"][i] for i in idx]}
 
 
+def host_augmentation(config: TrainConfig) -> tuple[hpa_data.AugmentConfig, dict[str, Any] | None]:
+    """(tf.data augmentation, on-device augment settings for the model or None) for ``config``.
+
+    ``augment_on="device"``: the host keeps only the ``scale_augment`` crop and the model gets flips,
+    90° rotations and ``brightness``/``contrast`` (seeded from ``config.seed``); ``"host"``: all in tf.data.
+    """
+    if config.augment_on not in ("device", "host"):
+        raise ValueError(f"augment_on must be 'device' or 'host', got {config.augment_on!r}")
+    scale = tuple(config.scale_augment) if config.scale_augment and config.augment else None
+    if not config.augment:
+        return hpa_data.AugmentConfig(flip=False, rotate90=False, brightness=0.0, contrast=0.0), None
+    if config.augment_on == "host":
+        return hpa_data.AugmentConfig(brightness=config.brightness, contrast=config.contrast, scale=scale), None
+    device = {"flip": True, "rotate90": True, "brightness": float(config.brightness),
+              "contrast": float(config.contrast), "seed": int(config.seed)}
+    return hpa_data.AugmentConfig(flip=False, rotate90=False, brightness=0.0, contrast=0.0, scale=scale), device
+
+
 def compile_model(model: keras.Model, config: TrainConfig, total_steps: int, warmup_steps: int) -> None:
     """Compile with AdamW + warm-up/cosine schedule, focal loss, weighted AUC and macro F1."""
     schedule = make_schedule(config.lr, total_steps, warmup_steps, config.min_lr_fraction)
@@ -365,7 +391,8 @@ def _model_description(model: keras.Model, config: TrainConfig, split: hpa_data.
             "format": hpa_model.CONFIG_FORMAT, "format_version": hpa_model.CONFIG_VERSION,
             "backbone": config.backbone.lower(), "image_size": int(size), "channels": int(chans),
             "channel_names": channel_names, "input": {"dtype": "float32", "range": [0, 255], "layout": "NHWC"},
-            "normalization": hpa_model.get_normalization(model), "num_classes": NUM_CLASSES,
+            "normalization": hpa_model.get_normalization(model),
+            "augment": hpa_augment.model_augment_settings(model), "num_classes": NUM_CLASSES,
             "class_names": list(CLASS_NAMES), "activation": "sigmoid", "keras_version": keras.__version__,
         }
     else:
@@ -386,7 +413,7 @@ def _model_description(model: keras.Model, config: TrainConfig, split: hpa_data.
         "global_batch": global_batch, "lr": config.lr, "warmup_epochs": config.warmup_epochs,
         "weight_decay": config.weight_decay, "weights": config.weights, "dropout": config.dropout,
         "focal_gamma": config.focal_gamma, "focal_alpha": config.focal_alpha, "balance": config.balance,
-        "augment": config.augment, "scale_augment": config.scale_augment, "seed": config.seed,
+        "augment": config.augment, "augment_on": config.augment_on, "scale_augment": config.scale_augment, "seed": config.seed,
         "dtype_policy": policy, **strategy_info,
     }
 
@@ -444,12 +471,7 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
             raise hpa_data.DataError(f"{split.data_dir}: --balance needs manifest.csv (class counts of the training folds)")
         balance = hpa_data.repeat_factors(split.class_counts, split.n_train, config.balance_threshold)
         log.info("class balance: repeat factors %s", dict(zip(SHORT_NAMES, np.round(balance, 2).tolist())))
-    augment = None
-    if config.augment:
-        augment = hpa_data.AugmentConfig(brightness=config.brightness, contrast=config.contrast,
-                                         scale=tuple(config.scale_augment) if config.scale_augment else None)
-    else:
-        augment = hpa_data.AugmentConfig(flip=False, rotate90=False, brightness=0.0, contrast=0.0)
+    augment, model_augment = host_augmentation(config)
     train_ds = hpa_data.make_dataset(
         split.train_shards, global_batch, config.image_size, config.channels, training=True, augment=augment,
         balance=balance, shuffle_buffer=config.shuffle_buffer, seed=config.seed, crop_size=crop_size,
@@ -480,7 +502,8 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
     with strategy.scope():
         model = build_classifier(config.backbone, config.image_size, channels,
                                  weights=None if state is not None else config.weights, dropout=config.dropout,
-                                 normalization=channel_normalization(config.backbone, config.channels))
+                                 normalization=channel_normalization(config.backbone, config.channels),
+                                 augment=model_augment)
         compile_model(model, config, total_steps, warmup_steps)
         if state is not None:
             model.optimizer.build(model.trainable_variables)
