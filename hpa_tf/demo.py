@@ -32,7 +32,7 @@ class DemoSettings:
     """Sizes of a demo run. ``quick`` finishes in about 3 minutes on 2 cores, ``default`` in 15."""
 
     train_fields: int = 160
-    test_fields: int = 24
+    test_fields: int = 48
     size: int = 768
     crop_size: int = 96
     image_size: int = 64
