@@ -1,7 +1,7 @@
 """``python -m hpa_tf COMMAND …``: one entry point for every stage.
 
-Commands: ``demo`` (the whole system on synthetic data), ``synthetic``, ``segment``, ``build``,
-``verify``, ``train``, ``predict``, ``metric``. Each takes ``--help``.
+Commands: ``demo`` (the whole system on synthetic data), ``synthetic``, ``download``, ``segment``,
+``build``, ``verify``, ``train``, ``predict``, ``metric``. Each takes ``--help``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("hpa_tf.demo", "run the whole system on synthetic data and write a report"),
     "synthetic": ("hpa_tf.synthetic", "write an HPA-like synthetic dataset with cell-level truth"),
+    "download": ("hpa_tf.download", "fetch the public HPA images of a list and write their train.csv"),
     "segment": ("hpa_tf.segmentation.__main__", "segment fields into cell and nucleus label images"),
     "build": ("tfrecord_builder.__main__", "crop every cell and shard the crops into TFRecords"),
     "train": ("train_tpu", "train the classifier (TPU, GPUs or CPU)"),

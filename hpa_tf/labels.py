@@ -2,6 +2,8 @@
 
 Label strings are the competition's ``"0|5|16"`` form. ``parse_labels`` turns one into a
 sorted list of unique class ids; ``multi_hot`` and ``format_labels`` go the other way.
+``class_of_name`` and ``classes_of_names`` map the Human Protein Atlas's location names (as the
+public HPA images are labelled) to the 19 classes.
 """
 
 from __future__ import annotations
@@ -40,6 +42,74 @@ SHORT_NAMES: tuple[str, ...] = (
     "IntFil", "Actin", "Microtub", "Spindle", "Centros", "PlasMemb", "Mito", "Aggres",
     "Cytosol", "Vesicles", "Negative",
 )
+
+
+#: HPA subcellular location names that are not one of the 19 class names but belong to a class,
+#: as the competition's organisers grouped them for its public-HPA image list (its notebook
+#: "HPA public data download", the ``all_locations`` table): focal adhesion sites count as actin
+#: filaments, the centriolar satellite as the centrosome, cell junctions as the plasma membrane,
+#: vesicle-like compartments as "Vesicles and punctate cytosolic patterns", no staining as Negative.
+#: Names are compared case-insensitively with runs of spaces collapsed (``normalize_name``).
+LOCATION_ALIASES: dict[str, int] = {
+    "Focal adhesion sites": 9,
+    "Centriolar satellite": 12,
+    "Centriolar satellites": 12,
+    "Cell Junctions": 13,
+    "Vesicles": 17,
+    "Peroxisomes": 17,
+    "Endosomes": 17,
+    "Lysosomes": 17,
+    "Lipid droplets": 17,
+    "Cytoplasmic bodies": 17,
+    "No staining": 18,
+    # British spelling of class 3
+    "Nucleoli fibrillar centre": 3,
+}
+
+
+def normalize_name(name: str) -> str:
+    """A location name folded for lookup: case-insensitive, runs of whitespace collapsed.
+
+    >>> normalize_name("  Nucleoli   Fibrillar center ")
+    'nucleoli fibrillar center'
+    """
+    return " ".join(str(name).split()).casefold()
+
+
+_NAME_TO_CLASS: dict[str, int] = {normalize_name(n): i for i, n in enumerate(CLASS_NAMES)}
+_NAME_TO_CLASS.update({normalize_name(n): i for n, i in LOCATION_ALIASES.items()})
+
+
+def class_of_name(name: str) -> int | None:
+    """Class id of an HPA location name or class name, ``None`` for a name outside the 19 classes.
+
+    >>> class_of_name("Cytosol"), class_of_name("cell junctions"), class_of_name("Midbody")
+    (16, 13, None)
+    """
+    return _NAME_TO_CLASS.get(normalize_name(name))
+
+
+def classes_of_names(names: Iterable[str]) -> tuple[list[int], list[str]]:
+    """Map location names to ``(sorted unique class ids, names outside the 19 classes)``.
+
+    Empty names are ignored; unknown names are returned as given (stripped), in order, once each.
+
+    >>> classes_of_names(["Nucleoplasm", "Vesicles", "Midbody", "Peroxisomes"])
+    ([0, 17], ['Midbody'])
+    """
+    ids: set[int] = set()
+    unknown: list[str] = []
+    for name in names:
+        name = " ".join(str(name).split())
+        if not name:
+            continue
+        cls = class_of_name(name)
+        if cls is None:
+            if name not in unknown:
+                unknown.append(name)
+        else:
+            ids.add(cls)
+    return sorted(ids), unknown
 
 
 class LabelError(ValueError):

@@ -1,7 +1,17 @@
 import numpy as np
 import pytest
 
-from hpa_tf.labels import CLASS_NAMES, NUM_CLASSES, LabelError, format_labels, from_multi_hot, multi_hot, parse_labels
+from hpa_tf.labels import (
+    CLASS_NAMES,
+    NUM_CLASSES,
+    LabelError,
+    class_of_name,
+    classes_of_names,
+    format_labels,
+    from_multi_hot,
+    multi_hot,
+    parse_labels,
+)
 
 
 def test_table_has_19_classes_in_competition_order():
@@ -34,3 +44,42 @@ def test_multi_hot_round_trip():
         multi_hot([19])
     with pytest.raises(LabelError):
         format_labels([25])
+
+
+# The competition's public-HPA location names and the class each was given by the organisers'
+# download notebook (its ``all_locations`` table), written out here independently of the code.
+COMPETITION_LOCATIONS = {
+    "Nucleoplasm": 0, "Nuclear membrane": 1, "Nucleoli": 2, "Nucleoli fibrillar center": 3,
+    "Nuclear speckles": 4, "Nuclear bodies": 5, "Endoplasmic reticulum": 6, "Golgi apparatus": 7,
+    "Intermediate filaments": 8, "Actin filaments": 9, "Focal adhesion sites": 9, "Microtubules": 10,
+    "Mitotic spindle": 11, "Centrosome": 12, "Centriolar satellite": 12, "Plasma membrane": 13,
+    "Cell Junctions": 13, "Mitochondria": 14, "Aggresome": 15, "Cytosol": 16, "Vesicles": 17,
+    "Peroxisomes": 17, "Endosomes": 17, "Lysosomes": 17, "Lipid droplets": 17, "Cytoplasmic bodies": 17,
+    "No staining": 18,
+}
+
+
+def test_every_class_name_and_competition_location_maps_to_its_class():
+    for i, name in enumerate(CLASS_NAMES):
+        assert class_of_name(name) == i
+    for name, i in COMPETITION_LOCATIONS.items():
+        assert class_of_name(name) == i, name
+
+
+@pytest.mark.parametrize("spelling, cls", [
+    ("cytosol", 16), ("  Golgi   apparatus ", 7), ("CELL JUNCTIONS", 13), ("cell junctions", 13),
+    ("Nucleoli fibrillar centre", 3), ("Centriolar satellites", 12), ("negative", 18),
+])
+def test_common_spellings(spelling, cls):
+    assert class_of_name(spelling) == cls
+
+
+@pytest.mark.parametrize("name", ["Midbody", "Kinetochore", "Nucleoli rim", "Cytokinetic bridge",
+                                  "Microtubule ends", "Rods & Rings", "Mitotic chromosome", "", "Nucleus"])
+def test_names_outside_the_19_classes_are_not_guessed(name):
+    assert class_of_name(name) is None
+
+
+def test_classes_of_names_splits_known_and_unknown():
+    assert classes_of_names(["Vesicles", "Midbody", "Lysosomes", "Nucleoplasm", "Midbody", " "]) == ([0, 17], ["Midbody"])
+    assert classes_of_names([]) == ([], [])
