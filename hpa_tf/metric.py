@@ -47,6 +47,11 @@ matching is greedy in confidence order, so it is the same as matching only those
 FP = the other evaluated detections with confidence ≥ threshold, FN = truth cells − TP;
 F1 = 2TP / (2TP + FP + FN); macro F1 is the mean over classes with truth.
 
+Baselines (``evaluate_with_baselines``, ``--baselines``): the same predicted cells scored
+(a) with random confidences (mean over seeds), (b) with perfect classification (each cell's true
+classes at confidence 1, every other class at 0: the ceiling that segmentation allows), and the
+skill ``(mAP − random) / (ceiling − random)``; see ``evaluate_with_baselines``.
+
 Ground truth
     (a) ``truth.csv`` with ``ID,ImageWidth,ImageHeight,CellId,Label`` (one row per cell, Label like
     ``0|16``) and label images ``{masks_dir}/{ID}_cells.png`` (default ``masks/`` beside the CSV);
@@ -58,7 +63,8 @@ Ground truth
 IoU cost: each distinct predicted mask text is decoded once per image (to COCO bytes; a cell's
 mask is shared by its 19 class detections) and one (masks × truth cells) IoU matrix is computed
 from run lengths by pycocotools (bounding-box pruned, in C). From it, each mask's candidate cell
-per class (best IoU ≥ threshold) is kept; scoring is then two sorts over all detections (numpy).
+per class (best IoU ≥ threshold) is kept; scoring with any confidences is then two sorts over all
+detections (numpy), so the baselines rescore without touching a mask again.
 """
 
 from __future__ import annotations
@@ -225,6 +231,126 @@ class MetricResult:
             dropped.append(f"{self.n_empty_truth_cells} truth cells with an empty mask ignored")
         if dropped:
             lines.append("; ".join(dropped))
+        return "\n".join(lines)
+
+
+def _skill(score: np.ndarray | float, random: np.ndarray | float, ceiling: np.ndarray | float) -> np.ndarray:
+    """(score − random) / (ceiling − random); NaN where the ceiling does not exceed random."""
+    score, random, ceiling = (np.asarray(x, float) for x in (score, random, ceiling))
+    span = ceiling - random
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(span > 1e-9, (score - random) / np.where(span > 1e-9, span, 1.0), np.nan)
+
+
+@dataclass
+class BaselineResult:
+    """A submission's score beside what chance and segmentation allow on the same cells.
+
+    Per-class arrays have shape (19,) in class-id order and are NaN for classes without truth.
+
+    Attributes
+    ----------
+    metric : the submission's own ``MetricResult`` (mAP, per-class AP and F1, counts).
+    per_class_random : per-class AP of the same detections (cells, masks and classes) with
+        uniform random confidences, mean over the seeds.
+    random_maps : (n_seeds,) mAP of each random rescoring.
+    per_class_ceiling : per-class AP of the same predicted cells, each given the classes of the
+        true cell it matches (best IoU ≥ the threshold, one-to-one) at confidence 1 and every
+        other class at 0: the most the metric allows with this segmentation.
+    n_predicted_cells : distinct non-empty predicted masks in images with truth.
+    n_matched_cells : those matched to a true cell.
+    seed : seed of the random confidences (``numpy.random.default_rng``).
+
+    Properties give ``mean_ap``, ``random_map``, ``ceiling_map``, ``skill`` (overall, from the
+    three means) and ``per_class_ap`` / ``per_class_skill``.
+    """
+
+    metric: MetricResult
+    per_class_random: np.ndarray
+    random_maps: np.ndarray
+    per_class_ceiling: np.ndarray
+    n_predicted_cells: int
+    n_matched_cells: int
+    seed: int
+
+    @property
+    def mean_ap(self) -> float:
+        return self.metric.mean_ap
+
+    @property
+    def per_class_ap(self) -> np.ndarray:
+        return self.metric.per_class_ap
+
+    @property
+    def n_truth(self) -> np.ndarray:
+        return self.metric.n_truth
+
+    @property
+    def n_seeds(self) -> int:
+        return int(self.random_maps.size)
+
+    @property
+    def random_map(self) -> float:
+        """Mean over seeds of the random rescorings' mAP (= mean over classes of ``per_class_random``)."""
+        return float(np.mean(self.random_maps)) if self.random_maps.size else float("nan")
+
+    @property
+    def ceiling_map(self) -> float:
+        with_truth = self.n_truth > 0
+        return float(np.mean(self.per_class_ceiling[with_truth])) if with_truth.any() else float("nan")
+
+    @property
+    def skill(self) -> float:
+        """(mAP − random mAP) / (ceiling mAP − random mAP): 0 = chance, 1 = the segmentation's ceiling."""
+        return float(_skill(self.mean_ap, self.random_map, self.ceiling_map))
+
+    @property
+    def per_class_skill(self) -> np.ndarray:
+        return _skill(self.per_class_ap, self.per_class_random, self.per_class_ceiling)
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form (NaN → None): overall and per-class mAP, random, ceiling, skill."""
+        skill = self.per_class_skill
+        return {
+            "mAP": _clean(self.mean_ap),
+            "random": _clean(self.random_map),
+            "random_per_seed": [float(x) for x in self.random_maps],
+            "random_seed": self.seed,
+            "ceiling": _clean(self.ceiling_map),
+            "skill": _clean(self.skill),
+            "iou_threshold": self.metric.iou_threshold,
+            "n_predicted_cells": self.n_predicted_cells,
+            "n_matched_cells": self.n_matched_cells,
+            "classes": [
+                {
+                    "id": c,
+                    "name": CLASS_NAMES[c],
+                    "n_truth": int(self.n_truth[c]),
+                    "ap": _clean(self.per_class_ap[c]),
+                    "random": _clean(self.per_class_random[c]),
+                    "ceiling": _clean(self.per_class_ceiling[c]),
+                    "skill": _clean(skill[c]),
+                }
+                for c in range(NUM_CLASSES)
+            ],
+        }
+
+    def format_table(self) -> str:
+        """Plain-text table: class, truth cells, AP, random, ceiling, skill; then the overall line."""
+        skill = self.per_class_skill
+        lines = [f"{'id':>2}  {'class':<41} {'truth':>7} {'AP':>7} {'random':>7} {'ceiling':>7} {'skill':>7}"]
+        for c in range(NUM_CLASSES):
+            lines.append(
+                f"{c:>2}  {CLASS_NAMES[c]:<41} {int(self.n_truth[c]):>7} {_fmt(self.per_class_ap[c])} "
+                f"{_fmt(self.per_class_random[c])} {_fmt(self.per_class_ceiling[c])} {_fmt(skill[c])}"
+            )
+        spread = f", sd {np.std(self.random_maps):.4f}" if self.n_seeds > 1 else ""
+        lines.append(
+            f"mAP {self.mean_ap:.4f}; random {self.random_map:.4f} ({self.n_seeds} seeds{spread}); "
+            f"ceiling {self.ceiling_map:.4f} ({self.n_matched_cells} of {self.n_predicted_cells} predicted cells "
+            f"match a true cell); skill {_fmt(self.skill, 0).strip()}"
+        )
+        lines.append("skill = (mAP - random) / (ceiling - random): 0 = chance ranking, 1 = perfect classification")
         return "\n".join(lines)
 
 
@@ -470,6 +596,7 @@ class _Prepared:
     cell_classes: np.ndarray  # (C, 19) bool: classes of every truth cell
     mask_image: np.ndarray  # (M,) int64: image of each non-empty predicted mask
     mask_best: np.ndarray  # (M, 19) int64: cell a detection of class c on the mask would take, or -1
+    mask_cell: np.ndarray  # (M,) int64: true cell matched one-to-one (best IoU ≥ threshold), or -1
     det_image: np.ndarray  # (D,) evaluated detections: image, position in its row, class, score, mask
     det_pos: np.ndarray
     det_label: np.ndarray
@@ -484,6 +611,19 @@ class _Prepared:
 
 def _cat(parts: list[np.ndarray], dtype, shape: tuple[int, ...] = ()) -> np.ndarray:
     return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros((0, *shape), dtype)
+
+
+def _one_to_one(iou: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """(P,) index of the truth column matched to each row (-1: none): greedy by IoU, pairs ≥ threshold."""
+    matched = np.full(iou.shape[0], -1, np.int64)
+    rows, cols = np.nonzero(iou >= iou_threshold)
+    taken: set[int] = set()
+    for k in np.argsort(-iou[rows, cols], kind="stable"):
+        r, c = int(rows[k]), int(cols[k])
+        if matched[r] < 0 and c not in taken:
+            matched[r] = c
+            taken.add(c)
+    return matched
 
 
 def _prepare(
@@ -521,6 +661,7 @@ def _prepare(
     cell_classes: list[np.ndarray] = []
     mask_image: list[np.ndarray] = []
     mask_best: list[np.ndarray] = []
+    mask_cell: list[np.ndarray] = []
     dets: list[tuple[np.ndarray, ...]] = []
     n_ignored = sum(len(by_id[i].predictions) for i in extra)
     n_empty_masks = n_empty_cells = 0
@@ -584,9 +725,13 @@ def _prepare(
             top = sub.argmax(axis=1)  # the first cell on a tie, as the reference's argmax
             hit = sub[np.arange(kept.size), top] >= iou_threshold
             best[:, c] = np.where(hit, offset + present[cols[top]], -1)
+        matched = _one_to_one(iou, iou_threshold)
         renumber = np.cumsum(nonempty) - 1 + n_masks
         mask_image.append(np.full(kept.size, k, np.int64))
         mask_best.append(best)
+        true_cell = np.full(kept.size, -1, np.int64)
+        true_cell[matched >= 0] = offset + present[matched[matched >= 0]]
+        mask_cell.append(true_cell)
         n_masks += kept.size
         dets.append((np.full(used.size, k), used, det_label[used], det_score[used], renumber[det_mask[used]]))
 
@@ -598,6 +743,7 @@ def _prepare(
         cell_classes=_cat(cell_classes, bool, (NUM_CLASSES,)),
         mask_image=_cat(mask_image, np.int64),
         mask_best=_cat(mask_best, np.int64, (NUM_CLASSES,)),
+        mask_cell=_cat(mask_cell, np.int64),
         det_image=_cat(list(columns[0]), np.int64),
         det_pos=_cat(list(columns[1]), np.int64),
         det_label=_cat(list(columns[2]), np.int64),
@@ -721,6 +867,90 @@ def evaluate(
     return _metric_result(prep, iou_threshold, f1_threshold)
 
 
+def evaluate_with_baselines(
+    submission: str | os.PathLike | Iterable[SubmissionRow],
+    truth: str | os.PathLike | Mapping[str, ImageTruth],
+    iou_threshold: float = 0.6,
+    count_absent_classes: bool = False,
+    f1_threshold: float = 0.5,
+    masks_dir: str | os.PathLike | None = None,
+    image_ids: Iterable[str] | None = None,
+    n_seeds: int = 5,
+    seed: int = 0,
+    progress: bool = False,
+) -> BaselineResult:
+    """Score a submission and, on the same predicted cells, a random and a perfect classifier.
+
+    Parameters are those of ``evaluate``, plus
+
+    n_seeds : random rescorings averaged for the random baseline (≥ 1).
+    seed : seed of ``numpy.random.default_rng`` drawing the random confidences.
+
+    Baselines
+    ---------
+    random
+        The submission's own detections (the same cells, masks and classes) with confidences
+        drawn uniformly from [0, 1), mean AP over ``n_seeds`` draws. For a submission that lists
+        every class for every cell (as ``predict.py`` writes) this is the score-blind ranking:
+        per class, about the share of positive cells among the cells it is scored on.
+    ceiling
+        The same predicted cells (every distinct non-empty mask of each image with truth), each
+        listed with all 19 classes: the classes of the true cell it matches (best IoU ≥
+        ``iou_threshold``, one-to-one, greedy by IoU) at confidence 1, every other class at 0.
+        Detections below every confidence-1 detection can only add recall, never lower the
+        precision envelope, so listing the other classes at 0 scores at least as high as leaving
+        them out. With truth cells that do not overlap (label-image truth) and a threshold ≥ 0.5,
+        each confidence-1 detection is a true positive, so a class's ceiling AP is the share of
+        its truth cells that some predicted cell matches: the most any confidences can reach
+        with this segmentation.
+    skill
+        ``(AP − random) / (ceiling − random)`` per class, and overall from the three means;
+        NaN where the ceiling does not exceed random.
+
+    The masks are decoded and the IoU matrices computed once; each rescoring is two sorts over
+    the detections.
+    """
+    if n_seeds < 1:
+        raise ValueError(f"n_seeds must be at least 1, got {n_seeds}")
+    prep = _prepare(submission, truth, iou_threshold, count_absent_classes, masks_dir, image_ids, progress)
+    metric = _metric_result(prep, iou_threshold, f1_threshold)
+
+    cell = prep.mask_best[prep.det_mask, prep.det_label]
+    rng = np.random.default_rng(seed)
+    random_aps = []
+    for _ in range(n_seeds):
+        score = rng.random(prep.det_label.size)
+        tp = _match(cell, prep.det_label, score, prep.det_pos)
+        random_aps.append(_per_class(prep.det_image, prep.det_pos, prep.det_label, score, tp, prep.n_truth)[0])
+    random_aps = np.array(random_aps)
+    with_truth = prep.n_truth > 0
+    random_maps = random_aps[:, with_truth].mean(axis=1) if with_truth.any() else np.full(n_seeds, np.nan)
+
+    # every predicted cell with every class: its true cell's classes at 1, the rest at 0
+    n_masks = prep.mask_image.size
+    mask = np.repeat(np.arange(n_masks), NUM_CLASSES)
+    label = np.tile(np.arange(NUM_CLASSES), n_masks)
+    image = prep.mask_image[mask]
+    true_cell = prep.mask_cell[mask]
+    score = ((true_cell >= 0) & prep.cell_classes[np.maximum(true_cell, 0), label]).astype(float)
+    if not count_absent_classes:
+        evaluated = prep.image_classes[image, label]
+        mask, label, image, score = mask[evaluated], label[evaluated], image[evaluated], score[evaluated]
+    pos = mask * NUM_CLASSES + label
+    tp = _match(prep.mask_best[mask, label], label, score, pos)
+    ceiling = _per_class(image, pos, label, score, tp, prep.n_truth)[0]
+
+    return BaselineResult(
+        metric=metric,
+        per_class_random=random_aps.mean(axis=0),
+        random_maps=random_maps,
+        per_class_ceiling=ceiling,
+        n_predicted_cells=int(n_masks),
+        n_matched_cells=int(np.sum(prep.mask_cell >= 0)),
+        seed=int(seed),
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
@@ -740,7 +970,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m hpa_tf.metric",
         description="Score an HPA submission CSV: per-class AP at mask IoU, mAP and macro F1 "
-        "(OpenImages instance-segmentation challenge rules).",
+        "(OpenImages instance-segmentation challenge rules); with --baselines also the same cells "
+        "scored by random confidences and by perfect classification, and the skill between them.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
@@ -768,9 +999,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="score only the truth images that have a submission row (e.g. a truth.csv that also lists "
         "training fields); default: every truth image, missing rows count as missed cells",
     )
+    parser.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also score the same cells with random confidences (mean of --seeds draws) and with perfect "
+        "classification (ceiling), and print skill = (mAP - random) / (ceiling - random) per class",
+    )
+    parser.add_argument("--seeds", type=int, default=5, help="random rescorings averaged by --baselines")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random confidences of --baselines")
     parser.add_argument("--json", default=None, help="also write the result as JSON to this path (folder created)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     options = dict(
         iou_threshold=args.iou,
@@ -782,12 +1023,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rows = read_submission(args.submission)
         image_ids = [r.image_id for r in rows] if args.only_submitted else None
-        result = evaluate(rows, args.truth, image_ids=image_ids, **options)
+        if args.baselines:
+            baselines = evaluate_with_baselines(
+                rows, args.truth, image_ids=image_ids, n_seeds=args.seeds, seed=args.seed, **options
+            )
+            result = baselines.metric
+        else:
+            result = evaluate(rows, args.truth, image_ids=image_ids, **options)
     except (OSError, ValueError) as exc:  # CsvFormatError, LabelError, MetricError, ImageReadError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(result.format_table())
     data = result.to_dict()
+    if args.baselines:
+        print()
+        print(baselines.format_table())
+        data["baselines"] = baselines.to_dict()
     if args.json:
         try:
             _write_json(args.json, data)

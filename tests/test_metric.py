@@ -13,10 +13,12 @@ import pytest
 
 from hpa_tf.io import CsvFormatError, ImageReadError, write_label_image
 from hpa_tf.metric import (
+    BaselineResult,
     ImageTruth,
     MetricError,
     average_precision,
     evaluate,
+    evaluate_with_baselines,
     load_truth,
     main,
     mask_iou,
@@ -482,6 +484,88 @@ def test_best_cell_only_even_when_another_cell_would_match():
 
 
 # ----------------------------------------------------------------------------------------------
+# baselines
+# ----------------------------------------------------------------------------------------------
+
+
+def test_ceiling_is_the_share_of_truth_cells_the_segmentation_finds():
+    shifted = np.zeros((H, W), bool)
+    shifted[2:12, 6:16] = True  # cell 1 shifted by 4 px: IoU 60/140 < 0.6
+    truth = {
+        "a": _truth("a", {1: [0], 2: [0, 16], 3: [2]}),
+        "b": _truth("b", {1: [16], 3: [0]}),
+    }
+    rows = [
+        # a: cells 1 and 2 found, cell 3 not predicted; classes deliberately wrong
+        _row("a", (2, 0.9, TEXT[1]), (0, 0.1, TEXT[1]), (0, 0.2, TEXT[2])),
+        # b: cell 1 predicted too far off, cell 3 found (only with a class absent from b's truth)
+        _row("b", (16, 0.9, encode_mask(shifted)), (5, 0.9, TEXT[3])),
+    ]
+    result = evaluate_with_baselines(rows, truth, n_seeds=3)
+    # class 0: a1, a2 found, b3 found -> 3/3; class 16: a2 found, b1 missed -> 1/2; class 2: a3 missed -> 0
+    assert result.per_class_ceiling[[0, 16, 2]].tolist() == [1.0, 0.5, 0.0]
+    assert result.ceiling_map == pytest.approx(0.5)
+    assert result.n_predicted_cells == 4 and result.n_matched_cells == 3
+    assert math.isnan(result.per_class_ceiling[5])
+    # the submission itself: class 0 ranks a2 (TP) 0.2 then a1 (TP) 0.1 of 3 cells -> 2/3
+    assert result.per_class_ap[0] == pytest.approx(2 / 3)
+    assert result.mean_ap == evaluate(rows, truth).mean_ap
+
+
+def test_ceiling_lists_other_classes_at_zero():
+    # overlapping truth (encoded masks): the predicted cell matches A (class 1) one-to-one, and B
+    # (class 0, same pixels) only through the metric: class 0 at confidence 0 still finds B
+    a = np.zeros((H, W), bool)
+    a[0:10, 0:10] = True
+    truth = {"x": ImageTruth("x", W, H, (mask_to_coco(a), mask_to_coco(a)), ((1,), (0,)))}
+    result = evaluate_with_baselines([_row("x", (1, 0.5, encode_mask(a)))], truth, n_seeds=1)
+    assert result.per_class_ceiling[[0, 1]].tolist() == [1.0, 1.0]
+
+
+def test_random_baseline_averages_random_rankings():
+    # one truth cell, a TP and a FP detection: a random order gives AP 1 or 1/2, each half the time
+    truth = {"a": _truth("a", {1: [0]})}
+    rows = [_row("a", (0, 0.9, TEXT[1]), (0, 0.1, TEXT[3]))]
+    result = evaluate_with_baselines(rows, truth, n_seeds=400, seed=3)
+    assert set(np.round(result.random_maps, 12)) == {0.5, 1.0}
+    assert result.random_map == pytest.approx(0.75, abs=0.05)
+    assert result.random_map == pytest.approx(result.per_class_random[0])
+    # the submission ranks the TP first: AP 1 = ceiling -> skill 1
+    assert result.mean_ap == 1.0 and result.ceiling_map == 1.0 and result.skill == pytest.approx(1.0)
+    # ranked the other way: AP 1/2, below chance -> negative skill
+    worse = evaluate_with_baselines([_row("a", (0, 0.1, TEXT[1]), (0, 0.9, TEXT[3]))], truth, n_seeds=400, seed=3)
+    assert worse.mean_ap == 0.5
+    assert worse.skill == pytest.approx((0.5 - worse.random_map) / (1.0 - worse.random_map))
+    assert worse.skill < 0
+    same = evaluate_with_baselines(rows, truth, n_seeds=400, seed=3)
+    np.testing.assert_array_equal(same.random_maps, result.random_maps)  # seeded
+
+
+def test_skill_per_class_and_overall_and_report_forms():
+    rng = np.random.default_rng(4)
+    truth, _, rows, _ = _random_case(rng, n_images=5, score_levels=None)
+    result = evaluate_with_baselines(rows, truth, n_seeds=5, seed=1)
+    assert isinstance(result, BaselineResult) and result.random_maps.shape == (5,)
+    with_truth = result.n_truth > 0
+    with np.errstate(invalid="ignore"):
+        expected = (result.per_class_ap - result.per_class_random) / (result.per_class_ceiling - result.per_class_random)
+    np.testing.assert_allclose(result.per_class_skill[with_truth], expected[with_truth])
+    assert np.isnan(result.per_class_skill[~with_truth]).all()
+    assert result.skill == pytest.approx(
+        (result.mean_ap - result.random_map) / (result.ceiling_map - result.random_map)
+    )
+    assert result.random_map == pytest.approx(np.mean(result.per_class_random[with_truth]))
+    assert (result.per_class_random[with_truth] <= result.per_class_ceiling[with_truth] + 1e-12).all()
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["mAP"] == pytest.approx(result.mean_ap) and data["skill"] == pytest.approx(result.skill)
+    assert len(data["classes"]) == 19 and data["classes"][18]["skill"] is None
+    table = result.format_table()
+    assert "ceiling" in table and f"skill {result.skill:.4f}" in table
+    with pytest.raises(ValueError, match="n_seeds"):
+        evaluate_with_baselines(rows, truth, n_seeds=0)
+
+
+# ----------------------------------------------------------------------------------------------
 # files and command line
 # ----------------------------------------------------------------------------------------------
 
@@ -528,14 +612,19 @@ def test_image_level_labels_are_refused_with_a_reason(tmp_path: Path):
         load_truth(labels)
 
 
-def test_cli_json_into_a_new_folder(tmp_path: Path, capsys):
+def test_cli_baselines_and_json_into_a_new_folder(tmp_path: Path, capsys):
     truth_csv, truth = _write_truth_files(tmp_path)
     sub = tmp_path / "submission.csv"
     write_submission(sub, _submission_rows(truth))
     out = tmp_path / "new" / "deeper" / "result.json"
-    assert main(["--submission", str(sub), "--truth", str(truth_csv), "--json", str(out), "--quiet"]) == 0
-    capsys.readouterr()
-    assert json.loads(out.read_text()) == json.loads(json.dumps(evaluate(sub, truth_csv).to_dict()))
+    assert main(["--submission", str(sub), "--truth", str(truth_csv), "--baselines", "--seeds", "3",
+                 "--json", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "random" in printed and "ceiling" in printed and "skill" in printed
+    data = json.loads(out.read_text())
+    expected = evaluate_with_baselines(sub, truth_csv, n_seeds=3, seed=0)
+    assert data["baselines"] == json.loads(json.dumps(expected.to_dict()))
+    assert data["mAP"] == pytest.approx(expected.mean_ap)
     assert [p.name for p in out.parent.iterdir()] == ["result.json"]  # nothing half-written beside it
 
     blocker = tmp_path / "a_file"
@@ -546,3 +635,5 @@ def test_cli_json_into_a_new_folder(tmp_path: Path, capsys):
     assert "mAP@IoU" in captured.out  # the table came first
     err = captured.err.strip()
     assert err.startswith("error: cannot write") and "a_file" in err and "\n" not in err
+    with pytest.raises(SystemExit):
+        main(["--submission", str(sub), "--truth", str(truth_csv), "--baselines", "--seeds", "0"])
