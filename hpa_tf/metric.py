@@ -972,7 +972,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Score an HPA submission CSV: per-class AP at mask IoU, mAP and macro F1 "
         "(OpenImages instance-segmentation challenge rules); with --baselines also the same cells "
         "scored by random confidences and by perfect classification, and the skill between them.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--submission", required=True, help="submission CSV (ID,ImageWidth,ImageHeight,PredictionString)"
@@ -984,9 +983,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "a CSV of encoded masks (ID,ImageWidth,ImageHeight,Label,Mask)",
     )
     parser.add_argument("--masks-dir", default=None, help="folder of {ID}_cells.png (default: masks/ beside --truth)")
-    parser.add_argument("--iou", type=float, default=0.6, help="IoU threshold of a match")
+    parser.add_argument("--iou", type=float, default=0.6, help="IoU threshold of a match (default: 0.6)")
     parser.add_argument(
-        "--f1-threshold", type=float, default=0.5, help="confidence threshold of the macro F1 (second figure)"
+        "--f1-threshold", type=float, default=0.5, help="confidence threshold of the macro F1, the second figure (default: 0.5)"
     )
     parser.add_argument(
         "--count-absent-classes",
@@ -1005,9 +1004,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also score the same cells with random confidences (mean of --seeds draws) and with perfect "
         "classification (ceiling), and print skill = (mAP - random) / (ceiling - random) per class",
     )
-    parser.add_argument("--seeds", type=int, default=5, help="random rescorings averaged by --baselines")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random confidences of --baselines")
-    parser.add_argument("--json", default=None, help="also write the result as JSON to this path (folder created)")
+    parser.add_argument("--seeds", type=int, default=5, help="random rescorings averaged by --baselines (default: 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random confidences of --baselines (default: 0)")
+    parser.add_argument("--json", default=None, help="also write the result as JSON to this path (its folder is created; default: none)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.seeds < 1:
