@@ -7,6 +7,8 @@ layouts, 1–3 classes per cell), and a submission with every class (19 detectio
 predicted cell, the predicted cells being the truth cells shifted by a few pixels (IoU near the
 0.6 threshold for some). Prints
   * ``evaluate`` with the truth and rows in memory (IoU + matching + AP: the metric itself);
+  * ``evaluate_with_baselines`` in memory (the same, plus ``--seeds`` random rescorings and the
+    ceiling; the masks are decoded and the IoU computed once), and what the baselines add;
   * with files: writing the submission CSV, ``load_truth`` (truth.csv + one uint16 label PNG per
     field, decoded and run-length encoded per field), ``read_submission``, and ``evaluate`` from the
     two paths end to end (what ``python -m hpa_tf.metric`` does).
@@ -30,7 +32,7 @@ import numpy as np  # noqa: E402
 from scipy.spatial import cKDTree  # noqa: E402
 
 from hpa_tf.io import write_label_image  # noqa: E402
-from hpa_tf.metric import ImageTruth, evaluate, load_truth  # noqa: E402
+from hpa_tf.metric import ImageTruth, evaluate, evaluate_with_baselines, load_truth  # noqa: E402
 from hpa_tf.submission import (  # noqa: E402
     Prediction,
     SubmissionRow,
@@ -96,7 +98,8 @@ def main() -> None:
     parser.add_argument("--fields", type=int, default=600)
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--cells", type=int, default=40, help="cells per field (approximate)")
-    parser.add_argument("--no-files", action="store_true", help="only the in-memory figure")
+    parser.add_argument("--seeds", type=int, default=5, help="random rescorings of the baselines")
+    parser.add_argument("--no-files", action="store_true", help="only the in-memory figures")
     args = parser.parse_args()
 
     t0 = time.perf_counter()
@@ -112,6 +115,15 @@ def main() -> None:
     result = evaluate(rows, truth)
     t_mem = time.perf_counter() - t0
     print(f"evaluate (in memory)        {t_mem:7.2f} s   mAP {result.mean_ap:.4f}  macro F1 {result.macro_f1:.4f}")
+    t0 = time.perf_counter()
+    baselines = evaluate_with_baselines(rows, truth, n_seeds=args.seeds)
+    t_base = time.perf_counter() - t0
+    print(
+        f"evaluate_with_baselines     {t_base:7.2f} s   random {baselines.random_map:.4f} ({args.seeds} seeds)  "
+        f"ceiling {baselines.ceiling_map:.4f}  skill {baselines.skill:.4f}  "
+        f"(+{t_base - t_mem:.2f} s over evaluate)"
+    )
+    assert baselines.metric.to_dict() == result.to_dict()
     if args.no_files:
         return
 

@@ -7,22 +7,37 @@ with masks, ``per_image_evaluation.PerImageEvaluation``, ``metrics.compute_avera
    detections of any other class are ignored (the reference keeps detections of the image's
    "verified" labels only, and our truth has no verified negatives). ``count_absent_classes=True``
    counts them as false positives instead. Submission IDs without truth are ignored (logged).
-2. Per image and class, detections are sorted by confidence (descending). Each one is matched to
+2. Empty masks. A detection whose mask has no pixel is dropped: the reference removes detections
+   whose box (the mask's bounding box) is empty before anything else, so it is neither a true
+   nor a false positive. A truth cell whose mask has no pixel (possible in encoded-mask truth) is
+   ignored: it is not counted among the class's truth cells and no detection can match it (the
+   reference scores such a cell by its box, which for an empty mask is empty and matches
+   nothing); its classes still make the image's detections of those classes evaluatable.
+3. Per image and class, detections are sorted by confidence (descending). Each one is matched to
    the ground-truth cell of that class with the highest mask IoU (``argmax``: the first cell on a
    tie); if that IoU ≥ ``iou_threshold`` and the cell is not matched yet, the detection is a true
    positive and the cell becomes matched, otherwise it is a false positive (so duplicates are
    false positives, even if a second cell would have matched).
-3. Per class, detections of all images are pooled and sorted by confidence; precision and recall
+4. Per class, detections of all images are pooled and sorted by confidence; precision and recall
    (over the number of truth cells of that class, in all evaluated images) are accumulated down the
    list; AP is the VOC all-point area: precision made non-increasing from the right, summed over
    the recall steps. A class with truth but no detections has AP 0.
-4. mAP is the mean AP over classes that have ground truth (others are NaN and excluded).
+5. mAP is the mean AP over classes that have ground truth (others are NaN and excluded).
 
-Ties in confidence are ordered as the reference orders them: it sorts each image's detections
-and later the pooled list, both times by ``argsort(scores)[::-1]``. With a stable sort (the
-reference's default sort is not stable beyond 16 elements, so its order on ties is not fully
-defined) tied detections of one image keep their listed order and, across images, the later
-image's detection comes first.
+Order of tied confidences. The reference visits images in sorted ImageID order (pandas
+``groupby``) and sorts twice with ``np.argsort(scores)[::-1]``: each image's detections of a class
+(step 3, the matching order), then the pooled list (step 4, the ranking). With a stable sort that
+gives: in the matching, tied detections of one image are taken later-listed first; in the
+ranking, tied detections of different images come later image (in sorted ID order) first, and
+tied detections of one image in their listed order. This project uses exactly that order, always.
+The reference's own order is that only where numpy's default ``argsort`` (quicksort) keeps ties
+in place: in numpy's classic introsort that is any run of at most 16 elements (it finishes with an
+insertion sort), but a longer list is partitioned first and ties land in an order set by the
+pivots, and numpy ≥ 1.25's AVX-512 sort does not keep tied items in place even for 4 elements. So
+on ties the reference's figure depends on the scoring machine, and the stable order is the one
+order that is the same everywhere and equals the reference wherever the reference's is defined.
+Confidences drawn from a continuous model output rarely tie; rounded ones (``0.5``) do.
+
 IoU is ``intersection / union`` from pycocotools' RLE ``iou`` in float64; the reference's
 float32 gives the same decisions at the 0.6 threshold for any mask under ~5 million pixels.
 
@@ -32,16 +47,24 @@ matching is greedy in confidence order, so it is the same as matching only those
 FP = the other evaluated detections with confidence ≥ threshold, FN = truth cells − TP;
 F1 = 2TP / (2TP + FP + FN); macro F1 is the mean over classes with truth.
 
+Baselines (``evaluate_with_baselines``, ``--baselines``): the same predicted cells scored
+(a) with random confidences (mean over seeds), (b) with perfect classification (each cell's true
+classes at confidence 1, every other class at 0: the ceiling that segmentation allows), and the
+skill ``(mAP − random) / (ceiling − random)``; see ``evaluate_with_baselines``.
+
 Ground truth
     (a) ``truth.csv`` with ``ID,ImageWidth,ImageHeight,CellId,Label`` (one row per cell, Label like
     ``0|16``) and label images ``{masks_dir}/{ID}_cells.png`` (default ``masks/`` beside the CSV);
     cells of the label image not listed in the CSV are not truth (a detection on one is a false
     positive). (b) A CSV ``ID,ImageWidth,ImageHeight,Label,Mask`` with one row per cell and the
-    mask as competition text. (c) In memory: ``{ID: ImageTruth}``.
+    mask as competition text. (c) In memory: ``{ID: ImageTruth}``. Both are cell-level truth; an
+    image-level file (``ID,Label``, like ``train.csv``) cannot be scored.
 
 IoU cost: each distinct predicted mask text is decoded once per image (to COCO bytes; a cell's
 mask is shared by its 19 class detections) and one (masks × truth cells) IoU matrix is computed
-from run lengths by pycocotools (bounding-box pruned, in C), then reused for every class.
+from run lengths by pycocotools (bounding-box pruned, in C). From it, each mask's candidate cell
+per class (best IoU ≥ threshold) is kept; scoring with any confidences is then two sorts over all
+detections (numpy), so the baselines rescore without touching a mask again.
 """
 
 from __future__ import annotations
@@ -62,7 +85,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as coco_mask
 
-from hpa_tf.fileutil import atomic_open
+from hpa_tf.fileutil import atomic_open, makedirs
 from hpa_tf.io import CsvFormatError, read_label_image
 from hpa_tf.labels import CLASS_NAMES, NUM_CLASSES, parse_labels
 from hpa_tf.submission import (
@@ -71,6 +94,7 @@ from hpa_tf.submission import (
     _cells_counts,
     _counts_to_coco,
     check_coco,
+    raise_csv_field_size_limit,
     read_submission,
     text_to_coco,
 )
@@ -90,7 +114,7 @@ class ImageTruth:
     ----------
     image_id : the field's ID.
     width, height : original image size in pixels.
-    masks : one COCO compressed counts string (bytes) per cell.
+    masks : one COCO compressed counts string (bytes) per cell (an empty mask: the cell is ignored).
     labels : class ids of each cell, aligned with ``masks``.
     cell_ids : the cells' ids in the label image (informational; may be empty).
     """
@@ -122,11 +146,23 @@ class ImageTruth:
         return cls(image_id, int(width), int(height), tuple(masks), tuple(labels), tuple(ids))
 
 
+def _clean(x: float) -> float | None:
+    """NaN → None (JSON has no NaN)."""
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def _fmt(x: float, width: int = 7) -> str:
+    return f"{'-' if math.isnan(x) else f'{x:.4f}':>{width}}"
+
+
 @dataclass
 class MetricResult:
     """Scores of a submission; per-class arrays have shape (19,) in class-id order.
 
-    ``per_class_ap`` and ``per_class_f1`` are NaN for classes without truth.
+    ``per_class_ap`` and ``per_class_f1`` are NaN for classes without truth. ``n_empty_masks``
+    counts evaluated detections dropped for an empty mask, ``n_empty_truth_cells`` truth cells
+    ignored for an empty mask (module docstring, step 2).
     """
 
     mean_ap: float
@@ -142,6 +178,8 @@ class MetricResult:
     n_images_without_submission: int
     n_images_without_truth: int
     n_ignored_detections: int
+    n_empty_masks: int = 0
+    n_empty_truth_cells: int = 0
 
     @property
     def classes_with_truth(self) -> list[int]:
@@ -149,19 +187,17 @@ class MetricResult:
 
     def to_dict(self) -> dict:
         """JSON-friendly form (NaN → None), with class names."""
-
-        def clean(x):
-            return None if isinstance(x, float) and math.isnan(x) else x
-
         return {
-            "mAP": clean(float(self.mean_ap)),
-            "macro_f1": clean(float(self.macro_f1)),
+            "mAP": _clean(self.mean_ap),
+            "macro_f1": _clean(self.macro_f1),
             "iou_threshold": self.iou_threshold,
             "f1_threshold": self.f1_threshold,
             "n_images": self.n_images,
             "n_images_without_submission": self.n_images_without_submission,
             "n_images_without_truth": self.n_images_without_truth,
             "n_ignored_detections": self.n_ignored_detections,
+            "n_empty_masks": self.n_empty_masks,
+            "n_empty_truth_cells": self.n_empty_truth_cells,
             "classes": [
                 {
                     "id": c,
@@ -169,8 +205,8 @@ class MetricResult:
                     "n_truth": int(self.n_truth[c]),
                     "n_detections": int(self.n_detections[c]),
                     "n_true_positives": int(self.n_true_positives[c]),
-                    "ap": clean(float(self.per_class_ap[c])),
-                    "f1": clean(float(self.per_class_f1[c])),
+                    "ap": _clean(self.per_class_ap[c]),
+                    "f1": _clean(self.per_class_f1[c]),
                 }
                 for c in range(NUM_CLASSES)
             ],
@@ -180,16 +216,141 @@ class MetricResult:
         """Plain-text table: class, truth cells, detections, TP, AP, F1; then mAP and macro F1."""
         lines = [f"{'id':>2}  {'class':<41} {'truth':>7} {'dets':>8} {'TP':>7} {'AP':>7} {'F1':>7}"]
         for c in range(NUM_CLASSES):
-            ap = "-" if math.isnan(self.per_class_ap[c]) else f"{self.per_class_ap[c]:.4f}"
-            f1 = "-" if math.isnan(self.per_class_f1[c]) else f"{self.per_class_f1[c]:.4f}"
             lines.append(
                 f"{c:>2}  {CLASS_NAMES[c]:<41} {int(self.n_truth[c]):>7} {int(self.n_detections[c]):>8} "
-                f"{int(self.n_true_positives[c]):>7} {ap:>7} {f1:>7}"
+                f"{int(self.n_true_positives[c]):>7} {_fmt(self.per_class_ap[c])} {_fmt(self.per_class_f1[c])}"
             )
         lines.append(
             f"mAP@IoU{self.iou_threshold:g} = {self.mean_ap:.4f} over {len(self.classes_with_truth)} classes; "
             f"macro F1@conf{self.f1_threshold:g} = {self.macro_f1:.4f}; {self.n_images} images"
         )
+        dropped = []
+        if self.n_empty_masks:
+            dropped.append(f"{self.n_empty_masks} detections with an empty mask dropped")
+        if self.n_empty_truth_cells:
+            dropped.append(f"{self.n_empty_truth_cells} truth cells with an empty mask ignored")
+        if dropped:
+            lines.append("; ".join(dropped))
+        return "\n".join(lines)
+
+
+def _skill(score: np.ndarray | float, random: np.ndarray | float, ceiling: np.ndarray | float) -> np.ndarray:
+    """(score − random) / (ceiling − random); NaN where the ceiling does not exceed random."""
+    score, random, ceiling = (np.asarray(x, float) for x in (score, random, ceiling))
+    span = ceiling - random
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(span > 1e-9, (score - random) / np.where(span > 1e-9, span, 1.0), np.nan)
+
+
+@dataclass
+class BaselineResult:
+    """A submission's score beside what chance and segmentation allow on the same cells.
+
+    Per-class arrays have shape (19,) in class-id order and are NaN for classes without truth.
+
+    Attributes
+    ----------
+    metric : the submission's own ``MetricResult`` (mAP, per-class AP and F1, counts).
+    per_class_random : per-class AP of the same detections (cells, masks and classes) with
+        uniform random confidences, mean over the seeds.
+    random_maps : (n_seeds,) mAP of each random rescoring.
+    per_class_ceiling : per-class AP of the same predicted cells, each given the classes of the
+        true cell it matches (best IoU ≥ the threshold, one-to-one) at confidence 1 and every
+        other class at 0: the most the metric allows with this segmentation.
+    n_predicted_cells : distinct non-empty predicted masks in images with truth.
+    n_matched_cells : those matched to a true cell.
+    seed : seed of the random confidences (``numpy.random.default_rng``).
+
+    Properties give ``mean_ap``, ``random_map``, ``ceiling_map``, ``skill`` (overall, from the
+    three means) and ``per_class_ap`` / ``per_class_skill``.
+    """
+
+    metric: MetricResult
+    per_class_random: np.ndarray
+    random_maps: np.ndarray
+    per_class_ceiling: np.ndarray
+    n_predicted_cells: int
+    n_matched_cells: int
+    seed: int
+
+    @property
+    def mean_ap(self) -> float:
+        return self.metric.mean_ap
+
+    @property
+    def per_class_ap(self) -> np.ndarray:
+        return self.metric.per_class_ap
+
+    @property
+    def n_truth(self) -> np.ndarray:
+        return self.metric.n_truth
+
+    @property
+    def n_seeds(self) -> int:
+        return int(self.random_maps.size)
+
+    @property
+    def random_map(self) -> float:
+        """Mean over seeds of the random rescorings' mAP (= mean over classes of ``per_class_random``)."""
+        return float(np.mean(self.random_maps)) if self.random_maps.size else float("nan")
+
+    @property
+    def ceiling_map(self) -> float:
+        with_truth = self.n_truth > 0
+        return float(np.mean(self.per_class_ceiling[with_truth])) if with_truth.any() else float("nan")
+
+    @property
+    def skill(self) -> float:
+        """(mAP − random mAP) / (ceiling mAP − random mAP): 0 = chance, 1 = the segmentation's ceiling."""
+        return float(_skill(self.mean_ap, self.random_map, self.ceiling_map))
+
+    @property
+    def per_class_skill(self) -> np.ndarray:
+        return _skill(self.per_class_ap, self.per_class_random, self.per_class_ceiling)
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form (NaN → None): overall and per-class mAP, random, ceiling, skill."""
+        skill = self.per_class_skill
+        return {
+            "mAP": _clean(self.mean_ap),
+            "random": _clean(self.random_map),
+            "random_per_seed": [float(x) for x in self.random_maps],
+            "random_seed": self.seed,
+            "ceiling": _clean(self.ceiling_map),
+            "skill": _clean(self.skill),
+            "iou_threshold": self.metric.iou_threshold,
+            "n_predicted_cells": self.n_predicted_cells,
+            "n_matched_cells": self.n_matched_cells,
+            "classes": [
+                {
+                    "id": c,
+                    "name": CLASS_NAMES[c],
+                    "n_truth": int(self.n_truth[c]),
+                    "ap": _clean(self.per_class_ap[c]),
+                    "random": _clean(self.per_class_random[c]),
+                    "ceiling": _clean(self.per_class_ceiling[c]),
+                    "skill": _clean(skill[c]),
+                }
+                for c in range(NUM_CLASSES)
+            ],
+        }
+
+    def format_table(self) -> str:
+        """Plain-text table: class, truth cells, AP, random, ceiling, skill; then the overall line."""
+        skill = self.per_class_skill
+        lines = [f"{'id':>2}  {'class':<41} {'truth':>7} {'AP':>7} {'random':>7} {'ceiling':>7} {'skill':>7}"]
+        for c in range(NUM_CLASSES):
+            lines.append(
+                f"{c:>2}  {CLASS_NAMES[c]:<41} {int(self.n_truth[c]):>7} {_fmt(self.per_class_ap[c])} "
+                f"{_fmt(self.per_class_random[c])} {_fmt(self.per_class_ceiling[c])} {_fmt(skill[c])}"
+            )
+        spread = f", sd {np.std(self.random_maps):.4f}" if self.n_seeds > 1 else ""
+        lines.append(
+            f"mAP {self.mean_ap:.4f}; random {self.random_map:.4f} ({self.n_seeds} seeds{spread}); "
+            f"ceiling {self.ceiling_map:.4f} ({self.n_matched_cells} of {self.n_predicted_cells} predicted cells "
+            f"match a true cell); skill {_fmt(self.skill, 0).strip()}"
+        )
+        lines.append("skill = (mAP - random) / (ceiling - random): 0 = chance ranking, 1 = perfect classification")
         return "\n".join(lines)
 
 
@@ -198,15 +359,50 @@ class MetricResult:
 # ----------------------------------------------------------------------------------------------
 
 
+def _first_undecodable_line(path: str | os.PathLike) -> int:
+    """1-based number of the first line of ``path`` that is not UTF-8 (0: none)."""
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return line_no
+    return 0
+
+
+def _not_utf8(path: str | os.PathLike, exc: UnicodeDecodeError) -> CsvFormatError:
+    return CsvFormatError(
+        f"{path} line {_first_undecodable_line(path)}: not UTF-8 text ({exc.reason}); save the file as UTF-8"
+    )
+
+
 def _read_csv(path: str | os.PathLike) -> tuple[list[str], Iterable[tuple[int, dict[str, str]]]]:
-    f = open(path, newline="", encoding="utf-8")
+    """Header and ``(line number, row)`` of a UTF-8 CSV (a BOM is allowed); fields of any size.
+
+    Text that is not UTF-8, or broken quoting → CsvFormatError naming the file and line.
+    """
+    raise_csv_field_size_limit()
+    f = open(path, newline="", encoding="utf-8-sig")
     reader = csv.DictReader(f)
-    header = [h.strip() for h in (reader.fieldnames or [])]
+    try:
+        header = [h.strip() for h in (reader.fieldnames or [])]
+    except UnicodeDecodeError as exc:  # the text is decoded by blocks: the header read meets it first
+        f.close()
+        raise _not_utf8(path, exc) from None
+    except csv.Error as exc:
+        f.close()
+        raise CsvFormatError(f"{path} line 1: unreadable CSV ({exc})") from None
     reader.fieldnames = header
 
     def rows():
         with f:
-            yield from enumerate(reader, start=2)
+            try:
+                for row in reader:
+                    yield reader.line_num, row
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(path, exc) from None
+            except csv.Error as exc:
+                raise CsvFormatError(f"{path} line {reader.line_num + 1}: unreadable CSV ({exc})") from None
 
     return header, rows()
 
@@ -244,6 +440,11 @@ def load_truth(
         mode = "cells"
     elif all(c in header for c in [*base, "Mask"]):
         mode = "masks"
+    elif "ID" in header and "Label" in header:
+        raise CsvFormatError(
+            f"{path}: image-level labels only (header {header}); the metric needs cell-level truth: "
+            "ID,ImageWidth,ImageHeight,CellId,Label with label images, or ID,ImageWidth,ImageHeight,Label,Mask"
+        )
     else:
         raise CsvFormatError(
             f"{path}: header {header} is neither ID,ImageWidth,ImageHeight,CellId,Label nor "
@@ -324,27 +525,20 @@ def descending_order(scores: np.ndarray) -> np.ndarray:
     return np.argsort(np.asarray(scores), kind="stable")[::-1]
 
 
-def match_detections(iou: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """True-positive flags of detections already sorted by confidence (descending).
-
-    Parameters
-    ----------
-    iou : (D, G) float, IoU of each detection with each truth cell of the class (G ≥ 1).
-    iou_threshold : minimum IoU of a match.
-
-    Returns
-    -------
-    (D,) bool: a detection is a TP iff its best-IoU cell (first on ties) has IoU ≥ threshold and
-    no earlier detection took that cell.
-    """
-    tp = np.zeros(iou.shape[0], bool)
-    if iou.size == 0:
-        return tp
-    best = np.argmax(iou, axis=1)
-    candidates = np.flatnonzero(iou[np.arange(iou.shape[0]), best] >= iou_threshold)
-    _, first = np.unique(best[candidates], return_index=True)
-    tp[candidates[first]] = True
-    return tp
+def _ranked_ap(tp: np.ndarray, n_truth: int) -> float:
+    """VOC all-point AP of detections already ranked (best first), as ``metrics.compute_average_precision``."""
+    if n_truth == 0:
+        return float("nan")
+    if tp.size == 0:
+        return 0.0
+    cum_tp = np.cumsum(tp, dtype=float)
+    precision = cum_tp / np.arange(1, tp.size + 1)
+    recall = cum_tp / float(n_truth)
+    recall = np.concatenate([[0.0], recall, [1.0]])
+    precision = np.concatenate([[0.0], precision, [0.0]])
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    steps = np.flatnonzero(recall[1:] != recall[:-1]) + 1
+    return float(np.sum((recall[steps] - recall[steps - 1]) * precision[steps]))
 
 
 def average_precision(scores: np.ndarray, tp: np.ndarray, n_truth: int) -> float:
@@ -352,22 +546,11 @@ def average_precision(scores: np.ndarray, tp: np.ndarray, n_truth: int) -> float
 
     Parameters
     ----------
-    scores : (D,) confidences; tp : (D,) bool true-positive flags; n_truth : truth cells.
+    scores : (D,) confidences, ranked by ``descending_order``; tp : (D,) bool true-positive flags;
+    n_truth : truth cells.
     """
-    if n_truth == 0:
-        return float("nan")
-    scores = np.asarray(scores, float)
-    if scores.size == 0:
-        return 0.0
-    tp = np.asarray(tp, bool)[descending_order(scores)]
-    cum_tp = np.cumsum(tp)
-    precision = cum_tp / np.arange(1, tp.size + 1)
-    recall = cum_tp / n_truth
-    recall = np.concatenate([[0.0], recall, [1.0]])
-    precision = np.concatenate([[0.0], precision, [0.0]])
-    precision = np.maximum.accumulate(precision[::-1])[::-1]
-    steps = np.flatnonzero(recall[1:] != recall[:-1]) + 1
-    return float(np.sum((recall[steps] - recall[steps - 1]) * precision[steps]))
+    tp = np.asarray(tp, bool)
+    return _ranked_ap(tp[descending_order(np.asarray(scores, float))], n_truth)
 
 
 def mask_iou(pred: Sequence[bytes], truth: Sequence[bytes], height: int, width: int) -> np.ndarray:
@@ -385,10 +568,269 @@ def mask_iou(pred: Sequence[bytes], truth: Sequence[bytes], height: int, width: 
     return np.asarray(iou, float).reshape(len(pred), len(truth))
 
 
+def _coco_areas(masks: Sequence[bytes], height: int, width: int) -> np.ndarray:
+    """(N,) int64 pixel counts of COCO-bytes masks."""
+    if not masks:
+        return np.zeros(0, np.int64)
+    size = [int(height), int(width)]
+    return np.asarray(coco_mask.area([{"size": size, "counts": c} for c in masks]), np.int64)
+
+
 def _as_rows(submission: str | os.PathLike | Iterable[SubmissionRow]) -> list[SubmissionRow]:
     if isinstance(submission, (str, os.PathLike)):
         return read_submission(submission)
     return list(submission)
+
+
+@dataclass
+class _Prepared:
+    """What scoring needs, computed once from the masks (see ``_prepare``).
+
+    Truth cells and predicted masks of all images carry global ids (offsets per image).
+    Images are numbered in visit order (sorted IDs).
+    """
+
+    n_images: int
+    n_truth: np.ndarray  # (19,) int64: non-empty truth cells per class
+    image_classes: np.ndarray  # (I, 19) bool: evaluatable classes of each image
+    cell_classes: np.ndarray  # (C, 19) bool: classes of every truth cell
+    mask_image: np.ndarray  # (M,) int64: image of each non-empty predicted mask
+    mask_best: np.ndarray  # (M, 19) int64: cell a detection of class c on the mask would take, or -1
+    mask_cell: np.ndarray  # (M,) int64: true cell matched one-to-one (best IoU ≥ threshold), or -1
+    det_image: np.ndarray  # (D,) evaluated detections: image, position in its row, class, score, mask
+    det_pos: np.ndarray
+    det_label: np.ndarray
+    det_score: np.ndarray
+    det_mask: np.ndarray
+    n_images_without_submission: int
+    n_images_without_truth: int
+    n_ignored_detections: int
+    n_empty_masks: int
+    n_empty_truth_cells: int
+
+
+def _cat(parts: list[np.ndarray], dtype, shape: tuple[int, ...] = ()) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros((0, *shape), dtype)
+
+
+def _one_to_one(iou: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """(P,) index of the truth column matched to each row (-1: none): greedy by IoU, pairs ≥ threshold."""
+    matched = np.full(iou.shape[0], -1, np.int64)
+    rows, cols = np.nonzero(iou >= iou_threshold)
+    taken: set[int] = set()
+    for k in np.argsort(-iou[rows, cols], kind="stable"):
+        r, c = int(rows[k]), int(cols[k])
+        if matched[r] < 0 and c not in taken:
+            matched[r] = c
+            taken.add(c)
+    return matched
+
+
+def _prepare(
+    submission: str | os.PathLike | Iterable[SubmissionRow],
+    truth: str | os.PathLike | Mapping[str, ImageTruth],
+    iou_threshold: float,
+    count_absent_classes: bool,
+    masks_dir: str | os.PathLike | None,
+    image_ids: Iterable[str] | None,
+    progress: bool,
+) -> _Prepared:
+    """Read and check the inputs; per image, decode masks and compute the IoU work once."""
+    keep = None if image_ids is None else set(image_ids)
+    if not isinstance(truth, Mapping):
+        truth = load_truth(truth, masks_dir=masks_dir, image_ids=keep, progress=progress)
+    elif keep is not None:
+        truth = {k: v for k, v in truth.items() if k in keep}
+    if keep is not None and keep - truth.keys():
+        log.warning("%d requested IDs have no ground truth", len(keep - truth.keys()))
+    by_id: dict[str, SubmissionRow] = {}
+    for row in _as_rows(submission):
+        if row.image_id in by_id:
+            raise MetricError(f"submission lists ID {row.image_id!r} twice")
+        by_id[row.image_id] = row
+    extra = by_id.keys() - truth.keys()
+    if extra:
+        log.warning("%d submission IDs have no ground truth; their detections are ignored", len(extra))
+    missing = truth.keys() - by_id.keys()
+    if missing:
+        log.warning("%d truth images have no submission row; their cells count as missed", len(missing))
+
+    order = sorted(truth)  # the reference's visit order; it decides the ranking of tied confidences
+    n_truth = np.zeros(NUM_CLASSES, np.int64)
+    image_classes = np.zeros((len(order), NUM_CLASSES), bool)
+    cell_classes: list[np.ndarray] = []
+    mask_image: list[np.ndarray] = []
+    mask_best: list[np.ndarray] = []
+    mask_cell: list[np.ndarray] = []
+    dets: list[tuple[np.ndarray, ...]] = []
+    n_ignored = sum(len(by_id[i].predictions) for i in extra)
+    n_empty_masks = n_empty_cells = 0
+    n_cells = n_masks = 0
+
+    items: Iterable[str] = order
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(order, desc="evaluate", unit="image")
+    for k, image_id in enumerate(items):
+        image_truth = truth[image_id]
+        classes = np.zeros((len(image_truth.masks), NUM_CLASSES), bool)
+        for i, labels in enumerate(image_truth.labels):
+            classes[i, list(labels)] = True
+        present = np.flatnonzero(_coco_areas(image_truth.masks, image_truth.height, image_truth.width) > 0)
+        n_empty_cells += classes.shape[0] - present.size
+        n_truth += classes[present].sum(axis=0)
+        image_classes[k] = classes.any(axis=0)
+        cell_classes.append(classes)
+        offset, n_cells = n_cells, n_cells + classes.shape[0]
+        row = by_id.get(image_id)
+        if row is None or not row.predictions:
+            continue
+        if (row.width, row.height) != (image_truth.width, image_truth.height):
+            raise MetricError(
+                f"ID {image_id}: submission size {row.width}x{row.height} differs from the truth's "
+                f"{image_truth.width}x{image_truth.height}"
+            )
+
+        # detections and their distinct masks
+        mask_index: dict[str, int] = {}
+        n_det = len(row.predictions)
+        det_label = np.empty(n_det, np.int64)
+        det_score = np.empty(n_det, float)
+        det_mask = np.empty(n_det, np.int64)
+        for j, (label, confidence, text) in enumerate(row.predictions):
+            det_label[j] = label
+            det_score[j] = confidence
+            det_mask[j] = mask_index.setdefault(text, len(mask_index))
+        masks: list[bytes] = []
+        for text in mask_index:
+            try:
+                masks.append(check_coco_text(text, image_truth.height, image_truth.width))
+            except MaskFormatError as exc:
+                raise MetricError(f"ID {image_id}: {exc} (run hpa_tf.submission.validate_submission)") from None
+        nonempty = _coco_areas(masks, image_truth.height, image_truth.width) > 0
+        evaluated = np.ones(n_det, bool) if count_absent_classes else image_classes[k][det_label]
+        n_ignored += int(np.sum(~evaluated))
+        n_empty_masks += int(np.sum(evaluated & ~nonempty[det_mask]))
+        used = np.flatnonzero(evaluated & nonempty[det_mask])
+
+        # the IoU work: each non-empty mask against each non-empty truth cell, once
+        kept = np.flatnonzero(nonempty)
+        iou = mask_iou([masks[i] for i in kept], [image_truth.masks[i] for i in present],
+                       image_truth.height, image_truth.width)
+        best = np.full((kept.size, NUM_CLASSES), -1, np.int64)
+        for c in np.flatnonzero(classes[present].any(axis=0)):
+            cols = np.flatnonzero(classes[present, c])
+            sub = iou[:, cols]
+            top = sub.argmax(axis=1)  # the first cell on a tie, as the reference's argmax
+            hit = sub[np.arange(kept.size), top] >= iou_threshold
+            best[:, c] = np.where(hit, offset + present[cols[top]], -1)
+        matched = _one_to_one(iou, iou_threshold)
+        renumber = np.cumsum(nonempty) - 1 + n_masks
+        mask_image.append(np.full(kept.size, k, np.int64))
+        mask_best.append(best)
+        true_cell = np.full(kept.size, -1, np.int64)
+        true_cell[matched >= 0] = offset + present[matched[matched >= 0]]
+        mask_cell.append(true_cell)
+        n_masks += kept.size
+        dets.append((np.full(used.size, k), used, det_label[used], det_score[used], renumber[det_mask[used]]))
+
+    columns = list(zip(*dets)) if dets else [[]] * 5
+    return _Prepared(
+        n_images=len(order),
+        n_truth=n_truth,
+        image_classes=image_classes,
+        cell_classes=_cat(cell_classes, bool, (NUM_CLASSES,)),
+        mask_image=_cat(mask_image, np.int64),
+        mask_best=_cat(mask_best, np.int64, (NUM_CLASSES,)),
+        mask_cell=_cat(mask_cell, np.int64),
+        det_image=_cat(list(columns[0]), np.int64),
+        det_pos=_cat(list(columns[1]), np.int64),
+        det_label=_cat(list(columns[2]), np.int64),
+        det_score=_cat(list(columns[3]), float),
+        det_mask=_cat(list(columns[4]), np.int64),
+        n_images_without_submission=len(missing),
+        n_images_without_truth=len(extra),
+        n_ignored_detections=int(n_ignored),
+        n_empty_masks=n_empty_masks,
+        n_empty_truth_cells=int(n_empty_cells),
+    )
+
+
+def _match(cell: np.ndarray, label: np.ndarray, score: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """True-positive flags of detections (any images, any classes).
+
+    ``cell[d]`` is the truth cell (global id) detection d would take, or -1 (best IoU below the
+    threshold, or no truth cell of its class). Per cell and class, the first detection in the
+    matching order takes it: descending confidence, ties later-listed first (the reference's
+    per-image ``argsort(scores)[::-1]`` with a stable sort); later ones are duplicates.
+    """
+    tp = np.zeros(label.size, bool)
+    cand = np.flatnonzero(cell >= 0)
+    if cand.size:
+        key = cell[cand] * NUM_CLASSES + label[cand]
+        order = np.lexsort((-pos[cand], -score[cand], key))
+        key = key[order]
+        first = np.r_[True, key[1:] != key[:-1]]
+        tp[cand[order[first]]] = True
+    return tp
+
+
+def _per_class(
+    image: np.ndarray, pos: np.ndarray, label: np.ndarray, score: np.ndarray, tp: np.ndarray, n_truth: np.ndarray,
+    f1_threshold: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class (AP, F1, detections, true positives) of pooled detections.
+
+    Ranking per class: descending confidence; ties: later image first, then listed order within an
+    image (what the reference's two ``argsort(scores)[::-1]`` give with a stable sort).
+    """
+    order = np.lexsort((pos, -image, -score, label))
+    label, score, tp = label[order], score[order], tp[order]
+    bounds = np.searchsorted(label, np.arange(NUM_CLASSES + 1))
+    ap = np.full(NUM_CLASSES, np.nan)
+    f1 = np.full(NUM_CLASSES, np.nan)
+    n_det = np.diff(bounds).astype(np.int64)
+    n_tp = np.bincount(label[tp], minlength=NUM_CLASSES).astype(np.int64)
+    for c in range(NUM_CLASSES):
+        t = tp[bounds[c] : bounds[c + 1]]
+        ap[c] = _ranked_ap(t, int(n_truth[c]))
+        if n_truth[c] and f1_threshold is not None:
+            above = score[bounds[c] : bounds[c + 1]] >= f1_threshold
+            tp_at = int(np.sum(t & above))
+            fp_at = int(np.sum(~t & above))
+            f1[c] = 2 * tp_at / (2 * tp_at + fp_at + (int(n_truth[c]) - tp_at))
+    return ap, f1, n_det, n_tp
+
+
+def _mean_over_truth(values: np.ndarray, n_truth: np.ndarray) -> float:
+    with_truth = n_truth > 0
+    return float(np.mean(values[with_truth])) if with_truth.any() else float("nan")
+
+
+def _metric_result(prep: _Prepared, iou_threshold: float, f1_threshold: float) -> MetricResult:
+    cell = prep.mask_best[prep.det_mask, prep.det_label]
+    tp = _match(cell, prep.det_label, prep.det_score, prep.det_pos)
+    ap, f1, n_det, n_tp = _per_class(
+        prep.det_image, prep.det_pos, prep.det_label, prep.det_score, tp, prep.n_truth, f1_threshold
+    )
+    return MetricResult(
+        mean_ap=_mean_over_truth(ap, prep.n_truth),
+        per_class_ap=ap,
+        n_truth=prep.n_truth,
+        n_detections=n_det,
+        n_true_positives=n_tp,
+        macro_f1=_mean_over_truth(f1, prep.n_truth),
+        per_class_f1=f1,
+        iou_threshold=float(iou_threshold),
+        f1_threshold=float(f1_threshold),
+        n_images=prep.n_images,
+        n_images_without_submission=prep.n_images_without_submission,
+        n_images_without_truth=prep.n_images_without_truth,
+        n_ignored_detections=prep.n_ignored_detections,
+        n_empty_masks=prep.n_empty_masks,
+        n_empty_truth_cells=prep.n_empty_truth_cells,
+    )
 
 
 def evaluate(
@@ -421,136 +863,92 @@ def evaluate(
     ------
     MetricError : a submission row whose size differs from the truth's, or a malformed mask.
     """
-    keep = None if image_ids is None else set(image_ids)
-    if not isinstance(truth, Mapping):
-        truth = load_truth(truth, masks_dir=masks_dir, image_ids=keep, progress=progress)
-    elif keep is not None:
-        truth = {k: v for k, v in truth.items() if k in keep}
-    if keep is not None and keep - truth.keys():
-        log.warning("%d requested IDs have no ground truth", len(keep - truth.keys()))
-    rows = _as_rows(submission)
-    by_id: dict[str, SubmissionRow] = {}
-    for row in rows:
-        if row.image_id in by_id:
-            raise MetricError(f"submission lists ID {row.image_id!r} twice")
-        by_id[row.image_id] = row
-    extra = by_id.keys() - truth.keys()
-    if extra:
-        log.warning("%d submission IDs have no ground truth; their detections are ignored", len(extra))
-    missing = truth.keys() - by_id.keys()
-    if missing:
-        log.warning("%d truth images have no submission row; their cells count as missed", len(missing))
+    prep = _prepare(submission, truth, iou_threshold, count_absent_classes, masks_dir, image_ids, progress)
+    return _metric_result(prep, iou_threshold, f1_threshold)
 
-    n_truth = np.zeros(NUM_CLASSES, np.int64)
-    scores: list[list[np.ndarray]] = [[] for _ in range(NUM_CLASSES)]
-    flags: list[list[np.ndarray]] = [[] for _ in range(NUM_CLASSES)]
-    n_ignored = sum(len(by_id[i].predictions) for i in extra)
 
-    items = truth.items()
-    if progress:
-        from tqdm import tqdm
+def evaluate_with_baselines(
+    submission: str | os.PathLike | Iterable[SubmissionRow],
+    truth: str | os.PathLike | Mapping[str, ImageTruth],
+    iou_threshold: float = 0.6,
+    count_absent_classes: bool = False,
+    f1_threshold: float = 0.5,
+    masks_dir: str | os.PathLike | None = None,
+    image_ids: Iterable[str] | None = None,
+    n_seeds: int = 5,
+    seed: int = 0,
+    progress: bool = False,
+) -> BaselineResult:
+    """Score a submission and, on the same predicted cells, a random and a perfect classifier.
 
-        items = tqdm(items, total=len(truth), desc="evaluate", unit="image")
-    for image_id, image_truth in items:
-        truth_classes = np.zeros((len(image_truth.masks), NUM_CLASSES), bool)
-        for i, labels in enumerate(image_truth.labels):
-            truth_classes[i, list(labels)] = True
-        n_truth += truth_classes.sum(axis=0)
-        row = by_id.get(image_id)
-        if row is None or not row.predictions:
-            continue
-        n_ignored += _evaluate_image(
-            row, image_truth, truth_classes, iou_threshold, count_absent_classes, scores, flags
-        )
+    Parameters are those of ``evaluate``, plus
 
-    per_class_ap = np.full(NUM_CLASSES, np.nan)
-    per_class_f1 = np.full(NUM_CLASSES, np.nan)
-    n_detections = np.zeros(NUM_CLASSES, np.int64)
-    n_tp = np.zeros(NUM_CLASSES, np.int64)
-    for c in range(NUM_CLASSES):
-        s = np.concatenate(scores[c]) if scores[c] else np.zeros(0)
-        t = np.concatenate(flags[c]) if flags[c] else np.zeros(0, bool)
-        n_detections[c] = s.size
-        n_tp[c] = int(t.sum())
-        per_class_ap[c] = average_precision(s, t, int(n_truth[c]))
-        if n_truth[c]:
-            above = s >= f1_threshold
-            tp_at = int(np.sum(t & above))
-            fp_at = int(np.sum(~t & above))
-            per_class_f1[c] = 2 * tp_at / (2 * tp_at + fp_at + (int(n_truth[c]) - tp_at))
-    with_truth = n_truth > 0
-    mean_ap = float(np.mean(per_class_ap[with_truth])) if with_truth.any() else float("nan")
-    macro_f1 = float(np.mean(per_class_f1[with_truth])) if with_truth.any() else float("nan")
-    return MetricResult(
-        mean_ap=mean_ap,
-        per_class_ap=per_class_ap,
-        n_truth=n_truth,
-        n_detections=n_detections,
-        n_true_positives=n_tp,
-        macro_f1=macro_f1,
-        per_class_f1=per_class_f1,
-        iou_threshold=float(iou_threshold),
-        f1_threshold=float(f1_threshold),
-        n_images=len(truth),
-        n_images_without_submission=len(missing),
-        n_images_without_truth=len(extra),
-        n_ignored_detections=int(n_ignored),
+    n_seeds : random rescorings averaged for the random baseline (≥ 1).
+    seed : seed of ``numpy.random.default_rng`` drawing the random confidences.
+
+    Baselines
+    ---------
+    random
+        The submission's own detections (the same cells, masks and classes) with confidences
+        drawn uniformly from [0, 1), mean AP over ``n_seeds`` draws. For a submission that lists
+        every class for every cell (as ``predict.py`` writes) this is the score-blind ranking:
+        per class, about the share of positive cells among the cells it is scored on.
+    ceiling
+        The same predicted cells (every distinct non-empty mask of each image with truth), each
+        listed with all 19 classes: the classes of the true cell it matches (best IoU ≥
+        ``iou_threshold``, one-to-one, greedy by IoU) at confidence 1, every other class at 0.
+        Detections below every confidence-1 detection can only add recall, never lower the
+        precision envelope, so listing the other classes at 0 scores at least as high as leaving
+        them out. With truth cells that do not overlap (label-image truth) and a threshold ≥ 0.5,
+        each confidence-1 detection is a true positive, so a class's ceiling AP is the share of
+        its truth cells that some predicted cell matches: the most any confidences can reach
+        with this segmentation.
+    skill
+        ``(AP − random) / (ceiling − random)`` per class, and overall from the three means;
+        NaN where the ceiling does not exceed random.
+
+    The masks are decoded and the IoU matrices computed once; each rescoring is two sorts over
+    the detections.
+    """
+    if n_seeds < 1:
+        raise ValueError(f"n_seeds must be at least 1, got {n_seeds}")
+    prep = _prepare(submission, truth, iou_threshold, count_absent_classes, masks_dir, image_ids, progress)
+    metric = _metric_result(prep, iou_threshold, f1_threshold)
+
+    cell = prep.mask_best[prep.det_mask, prep.det_label]
+    rng = np.random.default_rng(seed)
+    random_aps = []
+    for _ in range(n_seeds):
+        score = rng.random(prep.det_label.size)
+        tp = _match(cell, prep.det_label, score, prep.det_pos)
+        random_aps.append(_per_class(prep.det_image, prep.det_pos, prep.det_label, score, tp, prep.n_truth)[0])
+    random_aps = np.array(random_aps)
+    with_truth = prep.n_truth > 0
+    random_maps = random_aps[:, with_truth].mean(axis=1) if with_truth.any() else np.full(n_seeds, np.nan)
+
+    # every predicted cell with every class: its true cell's classes at 1, the rest at 0
+    n_masks = prep.mask_image.size
+    mask = np.repeat(np.arange(n_masks), NUM_CLASSES)
+    label = np.tile(np.arange(NUM_CLASSES), n_masks)
+    image = prep.mask_image[mask]
+    true_cell = prep.mask_cell[mask]
+    score = ((true_cell >= 0) & prep.cell_classes[np.maximum(true_cell, 0), label]).astype(float)
+    if not count_absent_classes:
+        evaluated = prep.image_classes[image, label]
+        mask, label, image, score = mask[evaluated], label[evaluated], image[evaluated], score[evaluated]
+    pos = mask * NUM_CLASSES + label
+    tp = _match(prep.mask_best[mask, label], label, score, pos)
+    ceiling = _per_class(image, pos, label, score, tp, prep.n_truth)[0]
+
+    return BaselineResult(
+        metric=metric,
+        per_class_random=random_aps.mean(axis=0),
+        random_maps=random_maps,
+        per_class_ceiling=ceiling,
+        n_predicted_cells=int(n_masks),
+        n_matched_cells=int(np.sum(prep.mask_cell >= 0)),
+        seed=int(seed),
     )
-
-
-def _evaluate_image(
-    row: SubmissionRow,
-    image_truth: ImageTruth,
-    truth_classes: np.ndarray,
-    iou_threshold: float,
-    count_absent_classes: bool,
-    scores: list[list[np.ndarray]],
-    flags: list[list[np.ndarray]],
-) -> int:
-    """Append one image's per-class (scores, TP flags); returns the number of ignored detections."""
-    image_id = row.image_id
-    if (row.width, row.height) != (image_truth.width, image_truth.height):
-        raise MetricError(
-            f"ID {image_id}: submission size {row.width}x{row.height} differs from the truth's "
-            f"{image_truth.width}x{image_truth.height}"
-        )
-    mask_index: dict[str, int] = {}
-    det_label = np.empty(len(row.predictions), np.int64)
-    det_score = np.empty(len(row.predictions), float)
-    det_mask = np.empty(len(row.predictions), np.int64)
-    for k, (label, confidence, text) in enumerate(row.predictions):
-        det_label[k] = label
-        det_score[k] = confidence
-        det_mask[k] = mask_index.setdefault(text, len(mask_index))
-
-    ignored = 0
-    evaluated = np.flatnonzero(truth_classes.any(axis=0))
-    present = np.unique(det_label)
-    needed = present if count_absent_classes else np.intersect1d(present, evaluated)
-    for c in np.setdiff1d(present, needed):
-        ignored += int(np.sum(det_label == c))
-    if needed.size == 0:
-        return ignored
-    iou = np.zeros((len(mask_index), len(image_truth.masks)))
-    if np.intersect1d(needed, evaluated).size:
-        masks: list[bytes] = []
-        for text in mask_index:
-            try:
-                masks.append(check_coco_text(text, image_truth.height, image_truth.width))
-            except MaskFormatError as exc:
-                raise MetricError(f"ID {image_id}: {exc} (run hpa_tf.submission.validate_submission)") from None
-        iou = mask_iou(masks, image_truth.masks, image_truth.height, image_truth.width)
-    for c in needed:
-        dets = np.flatnonzero(det_label == c)
-        dets = dets[descending_order(det_score[dets])]
-        cells = np.flatnonzero(truth_classes[:, c])
-        if cells.size:
-            tp = match_detections(iou[np.ix_(det_mask[dets], cells)], iou_threshold)
-        else:
-            tp = np.zeros(dets.size, bool)
-        scores[c].append(det_score[dets])
-        flags[c].append(tp)
-    return ignored
 
 
 # ----------------------------------------------------------------------------------------------
@@ -558,12 +956,22 @@ def _evaluate_image(
 # ----------------------------------------------------------------------------------------------
 
 
+def _write_json(path: str, data: dict) -> None:
+    """Write JSON atomically, creating the folder if needed (OSError if it cannot)."""
+    parent = os.path.dirname(str(path))
+    if parent:
+        makedirs(parent)
+    with atomic_open(path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m hpa_tf.metric --submission S --truth T``: print per-class AP, mAP and macro F1."""
     parser = argparse.ArgumentParser(
         prog="python -m hpa_tf.metric",
         description="Score an HPA submission CSV: per-class AP at mask IoU, mAP and macro F1 "
-        "(OpenImages instance-segmentation challenge rules).",
+        "(OpenImages instance-segmentation challenge rules); with --baselines also the same cells "
+        "scored by random confidences and by perfect classification, and the skill between them.",
     )
     parser.add_argument(
         "--submission", required=True, help="submission CSV (ID,ImageWidth,ImageHeight,PredictionString)"
@@ -571,12 +979,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--truth",
         required=True,
-        help="truth.csv (ID,ImageWidth,ImageHeight,CellId,Label + label images) or "
+        help="cell-level truth: truth.csv (ID,ImageWidth,ImageHeight,CellId,Label + label images) or "
         "a CSV of encoded masks (ID,ImageWidth,ImageHeight,Label,Mask)",
     )
     parser.add_argument("--masks-dir", default=None, help="folder of {ID}_cells.png (default: masks/ beside --truth)")
-    parser.add_argument("--iou", type=float, default=0.6, help="IoU threshold of a match (default 0.6)")
-    parser.add_argument("--f1-threshold", type=float, default=0.5, help="confidence threshold of the macro F1")
+    parser.add_argument("--iou", type=float, default=0.6, help="IoU threshold of a match (default: 0.6)")
+    parser.add_argument(
+        "--f1-threshold", type=float, default=0.5, help="confidence threshold of the macro F1, the second figure (default: 0.5)"
+    )
     parser.add_argument(
         "--count-absent-classes",
         action="store_true",
@@ -588,29 +998,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="score only the truth images that have a submission row (e.g. a truth.csv that also lists "
         "training fields); default: every truth image, missing rows count as missed cells",
     )
-    parser.add_argument("--json", default=None, help="also write the result as JSON to this path")
+    parser.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also score the same cells with random confidences (mean of --seeds draws) and with perfect "
+        "classification (ceiling), and print skill = (mAP - random) / (ceiling - random) per class",
+    )
+    parser.add_argument("--seeds", type=int, default=5, help="random rescorings averaged by --baselines (default: 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random confidences of --baselines (default: 0)")
+    parser.add_argument("--json", default=None, help="also write the result as JSON to this path (its folder is created; default: none)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    options = dict(
+        iou_threshold=args.iou,
+        count_absent_classes=args.count_absent_classes,
+        f1_threshold=args.f1_threshold,
+        masks_dir=args.masks_dir,
+        progress=not args.quiet,
+    )
     try:
         rows = read_submission(args.submission)
-        result = evaluate(
-            rows,
-            args.truth,
-            iou_threshold=args.iou,
-            count_absent_classes=args.count_absent_classes,
-            f1_threshold=args.f1_threshold,
-            masks_dir=args.masks_dir,
-            image_ids=[r.image_id for r in rows] if args.only_submitted else None,
-            progress=not args.quiet,
-        )
+        image_ids = [r.image_id for r in rows] if args.only_submitted else None
+        if args.baselines:
+            baselines = evaluate_with_baselines(
+                rows, args.truth, image_ids=image_ids, n_seeds=args.seeds, seed=args.seed, **options
+            )
+            result = baselines.metric
+        else:
+            result = evaluate(rows, args.truth, image_ids=image_ids, **options)
     except (OSError, ValueError) as exc:  # CsvFormatError, LabelError, MetricError, ImageReadError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(result.format_table())
+    data = result.to_dict()
+    if args.baselines:
+        print()
+        print(baselines.format_table())
+        data["baselines"] = baselines.to_dict()
     if args.json:
-        with atomic_open(args.json, "w") as f:
-            json.dump(result.to_dict(), f, indent=2)
+        try:
+            _write_json(args.json, data)
+        except OSError as exc:
+            print(f"error: cannot write {args.json}: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -383,8 +383,14 @@ def parse_prediction_string(text: str, where: str = "PredictionString") -> list[
     return out
 
 
-def _raise_field_size_limit() -> None:
-    """PredictionStrings reach megabytes; csv's default field limit is 128 KiB."""
+def raise_csv_field_size_limit() -> None:
+    """Let Python's ``csv`` read fields of any size (a process-wide setting).
+
+    A PredictionString or an encoded truth mask reaches hundreds of kilobytes, past ``csv``'s
+    default field limit of 128 KiB (``_csv.Error: field larger than field limit``). Every CSV
+    reader of the project calls this first; a user's own script reading these files needs
+    ``csv.field_size_limit(sys.maxsize)`` (or this function) too.
+    """
     limit = sys.maxsize
     while True:
         try:
@@ -427,7 +433,7 @@ def _records(reader, path: str | os.PathLike):
 
 
 def _open_submission(path: str | os.PathLike):
-    _raise_field_size_limit()
+    raise_csv_field_size_limit()
     f = open(path, newline="", encoding="utf-8")
     reader = csv.reader(f)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from collections import defaultdict
@@ -10,22 +11,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpa_tf.io import ImageReadError, write_label_image
+from hpa_tf.io import CsvFormatError, ImageReadError, write_label_image
 from hpa_tf.metric import (
+    BaselineResult,
     ImageTruth,
     MetricError,
     average_precision,
     evaluate,
+    evaluate_with_baselines,
     load_truth,
     main,
     mask_iou,
-    match_detections,
 )
 from hpa_tf.submission import (
     Prediction,
     SubmissionRow,
     coco_to_text,
-    decode_mask,
     encode_cells,
     encode_mask,
     mask_to_coco,
@@ -191,13 +192,6 @@ def test_ties_follow_the_reference_double_sort():
     assert evaluate(rows, truth).per_class_ap[0] == pytest.approx(0.25)
 
 
-def test_match_detections_best_cell_only():
-    iou = np.array([[0.9, 0.1], [0.7, 0.65], [0.2, 0.61], [0.3, 0.62]])
-    # det 1's best cell (0) is taken -> FP even though cell 1 has 0.65; det 2 takes cell 1; det 3 duplicate
-    assert match_detections(iou, 0.6).tolist() == [True, False, True, False]
-    assert match_detections(np.zeros((0, 3)), 0.6).tolist() == []
-
-
 def test_average_precision_definition():
     assert math.isnan(average_precision(np.array([0.5]), np.array([True]), 0))
     assert average_precision(np.zeros(0), np.zeros(0, bool), 3) == 0.0
@@ -315,55 +309,331 @@ def test_truth_file_errors_name_the_file(tmp_path: Path, capsys):
         load_truth(wrong, masks_dir=tmp_path / "masks")
 
 
-def _dense_reference(rows, truth_cells, iou_threshold=0.6):
-    """A loop-by-loop restatement of the OpenImages evaluation on dense masks (float32 IoU)."""
-    scores, flags, n_truth = defaultdict(list), defaultdict(list), np.zeros(19, int)
-    for image_id, (cells, cell_labels) in truth_cells.items():
-        gt = defaultdict(list)
-        for cell, classes in cell_labels.items():
-            for c in classes:
-                gt[c].append(cells == cell)
-                n_truth[c] += 1
-        row = rows.get(image_id)
-        for c in gt if row else []:
-            dets = [(p.confidence, decode_mask(p.mask, H, W)) for p in row.predictions if p.label == c]
-            order = np.argsort(np.array([d[0] for d in dets]), kind="stable")[::-1]
-            taken = np.zeros(len(gt[c]), bool)
-            for i in order:
-                inter = np.array([(dets[i][1] & g).sum() for g in gt[c]], np.float32)
-                union = np.array([(dets[i][1] | g).sum() for g in gt[c]], np.float32)
-                iou = inter / union
-                best = int(np.argmax(iou))
-                tp = bool(iou[best] >= iou_threshold and not taken[best])
-                taken[best] |= tp
-                scores[c].append(dets[i][0])
-                flags[c].append(tp)
-    aps = []
+def _reference_restatement(rows, truth, iou_threshold=0.6):
+    """A minimal loop-by-loop re-implementation of the OpenImages instance-segmentation challenge
+    evaluator's algorithm (tensorflow/models object_detection: oid_challenge_evaluation,
+    OpenImagesChallengeEvaluator, PerImageEvaluation, metrics.compute_precision_recall /
+    compute_average_precision), on dense masks, with its float32 IoU and its sort
+    ``np.argsort(scores)[::-1]`` taken as a stable sort.
+
+    ``rows``: {ID: [(label, score, dense mask)]}; ``truth``: {ID: [(dense mask, classes)]}.
+    """
+    scores, flags, n_gt = defaultdict(list), defaultdict(list), np.zeros(19)
+    for image_id in sorted(truth):  # pandas groupby: sorted ImageID
+        cells = truth[image_id]
+        evaluatable = {c for _, classes in cells for c in classes}  # every ground-truth row counts
+        for mask, classes in cells:
+            if mask.any():  # ignore boxes without masks
+                for c in classes:
+                    n_gt[c] += 1
+        if image_id not in rows:
+            continue
+        dets = [d for d in rows[image_id] if d[0] in evaluatable]  # allowed_classes
+        dets = [d for d in dets if d[2].any()]  # _remove_invalid_boxes: an empty mask has an empty box
+        for c in range(19):
+            det_c = [d for d in dets if d[0] == c]
+            gt_c = [m for m, classes in cells if c in classes and m.any()]
+            if not det_c:
+                continue
+            s = np.array([d[1] for d in det_c])
+            order = np.argsort(s, kind="stable")[::-1]  # non_max_suppression → sort_by_field
+            tp = np.zeros(len(det_c), bool)
+            if gt_c:
+                taken = np.zeros(len(gt_c), bool)
+                for rank, i in enumerate(order):
+                    m = det_c[i][2]
+                    inter = np.array([np.minimum(m, g).sum() for g in gt_c], np.float32)
+                    union = np.float32(m.sum()) + np.array([g.sum() for g in gt_c], np.float32) - inter
+                    iou = inter / np.maximum(union, np.float32(1e-7))
+                    best = int(np.argmax(iou))
+                    if iou[best] >= iou_threshold and not taken[best]:
+                        tp[rank] = taken[best] = True
+            scores[c].append(s[order])
+            flags[c].append(tp)
+    ap = np.full(19, np.nan)
     for c in range(19):
-        if n_truth[c]:
-            aps.append(average_precision(np.array(scores[c]), np.array(flags[c], bool), int(n_truth[c])))
-    return float(np.mean(aps))
+        if n_gt[c] == 0:
+            continue
+        if not scores[c]:
+            ap[c] = 0.0
+            continue
+        s, t = np.concatenate(scores[c]), np.concatenate(flags[c]).astype(float)
+        t = t[np.argsort(s, kind="stable")[::-1]]
+        cum_tp, cum_fp = np.cumsum(t), np.cumsum(t <= 0)
+        precision = cum_tp / (cum_tp + cum_fp)
+        recall = np.concatenate([[0], cum_tp / n_gt[c], [1]])
+        precision = np.concatenate([[0], precision, [0]])
+        for i in range(len(precision) - 2, -1, -1):
+            precision[i] = max(precision[i], precision[i + 1])
+        steps = np.where(recall[1:] != recall[:-1])[0] + 1
+        ap[c] = np.sum((recall[steps] - recall[steps - 1]) * precision[steps])
+    return ap
 
 
-def test_agrees_with_dense_loop_reference():
-    rng = np.random.default_rng(11)
-    truth_cells, truth, rows = {}, {}, {}
-    for k in range(6):
+def _random_case(rng, n_images=6, n_classes=4, score_levels=None):
+    """Random fields (IDs listed unsorted) with overlapping-IoU predictions, empty masks and ties."""
+    truth, truth_dense, rows, rows_dense = {}, {}, [], {}
+    for _ in range(n_images):
+        image_id = f"{int(rng.integers(0, 16**4)):04x}"
         cells = np.zeros((H, W), np.int32)
         for cell in range(1, 7):
             y, x = rng.integers(0, H - 8), rng.integers(0, W - 8)
             cells[y : y + rng.integers(4, 12), x : x + rng.integers(4, 12)] = cell
-        present = [int(i) for i in np.unique(cells) if i]
-        labels = {cell: sorted(set(rng.choice(4, rng.integers(1, 3)).tolist())) for cell in present}
-        image_id = f"f{k}"
-        truth_cells[image_id] = (cells, labels)
-        truth[image_id] = _truth(image_id, labels, cells)
+        dense = []
+        for cell in [int(i) for i in np.unique(cells) if i]:
+            mask = cells == cell if rng.random() > 0.15 else np.zeros((H, W), bool)  # some empty truth masks
+            dense.append((mask, sorted(set(rng.choice(n_classes, rng.integers(1, 3)).tolist()))))
+        truth_dense[image_id] = dense
+        truth[image_id] = ImageTruth(
+            image_id, W, H, tuple(mask_to_coco(m) for m, _ in dense), tuple(tuple(c) for _, c in dense)
+        )
         predicted = np.roll(cells, rng.integers(-2, 3, 2), axis=(0, 1))  # shifted: IoU around the threshold
-        texts = encode_cells(predicted)
-        preds = [
-            Prediction(c, float(np.round(rng.random(), 1)), texts[cell]) for cell in texts for c in range(4)
-        ]  # rounded scores: many ties
-        rows[image_id] = SubmissionRow(image_id, W, H, preds)
-    result = evaluate(list(rows.values()), truth)
+        pmasks = [predicted == cell for cell in np.unique(predicted) if cell] + [np.zeros((H, W), bool)]
+        dets = []
+        for m in pmasks:
+            for c in range(n_classes):
+                score = float(rng.integers(0, score_levels) / score_levels) if score_levels else float(rng.random())
+                dets.append((c, score, m))
+        dets = [dets[i] for i in rng.permutation(len(dets))]
+        rows_dense[image_id] = dets
+        rows.append(SubmissionRow(image_id, W, H, [Prediction(c, s, encode_mask(m)) for c, s, m in dets]))
+    return truth, truth_dense, rows, rows_dense
+
+
+@pytest.mark.parametrize("score_levels", [None, 4])  # continuous confidences; four levels: many ties
+def test_equals_a_restatement_of_the_reference_algorithm(score_levels):
+    rng = np.random.default_rng(11 if score_levels else 12)
+    truth, truth_dense, rows, rows_dense = _random_case(rng, score_levels=score_levels)
+    result = evaluate(rows, truth)
     assert 0.05 < result.mean_ap < 0.95
-    assert result.mean_ap == pytest.approx(_dense_reference(rows, truth_cells), abs=1e-12)
+    assert result.n_empty_masks > 0 and result.n_empty_truth_cells > 0
+    expected = _reference_restatement(rows_dense, truth_dense)
+    np.testing.assert_array_equal(result.per_class_ap, expected)  # bit for bit, NaN where no truth
+    assert list(truth) != sorted(truth)
+
+
+def test_cross_image_ties_rank_the_later_image_in_sorted_id_order_first():
+    # image "a" holds a true positive at 0.7, image "b" a false positive at 0.7; truth lists "b" first
+    truth = {"b": _truth("b", {1: [0]}), "a": _truth("a", {1: [0]})}
+    rows = [_row("a", (0, 0.7, TEXT[1])), _row("b", (0, 0.7, TEXT[3]))]
+    # images are visited a, b: the later one (b, the FP) ranks first: precision 0, 1/2 at recall 0, 1/2
+    assert evaluate(rows, truth).per_class_ap[0] == pytest.approx(0.25)
+    assert evaluate(rows[::-1], dict(reversed(truth.items()))).per_class_ap[0] == pytest.approx(0.25)
+    # with the IDs swapped the true positive is in the later image: TP, FP -> 1/2
+    truth = {"a": _truth("a", {1: [0]}), "b": _truth("b", {1: [0]})}
+    rows = [_row("b", (0, 0.7, TEXT[1])), _row("a", (0, 0.7, TEXT[3]))]
+    assert evaluate(rows, truth).per_class_ap[0] == pytest.approx(0.5)
+
+
+def test_tied_duplicates_in_one_image_match_later_listed_first():
+    # two detections of cell 1 at 0.5: the matching takes the later-listed one (the per-image
+    # argsort(scores)[::-1]), the ranking restores the listed order: FP then TP -> precision 1/2
+    truth = {"a": _truth("a", {1: [0]})}
+    rows = [_row("a", (0, 0.5, TEXT[1]), (0, 0.5, TEXT[1]))]
+    result = evaluate(rows, truth)
+    assert result.per_class_ap[0] == pytest.approx(0.5)
+    assert result.n_true_positives[0] == 1 and result.n_detections[0] == 2
+
+
+def test_empty_predicted_mask_is_dropped():
+    truth = {"a": _truth("a", {1: [0], 2: [0]})}
+    empty = encode_mask(np.zeros((H, W), bool))
+    rows = [_row("a", (0, 0.9, empty), (0, 0.8, TEXT[1]), (0, 0.7, TEXT[2]), (3, 0.9, empty))]
+    result = evaluate(rows, truth)
+    # the empty mask is neither TP nor FP: TP, TP -> AP 1 (counted as a FP it would be 2/3)
+    assert result.per_class_ap[0] == 1.0
+    assert result.n_detections[0] == 2 and result.n_empty_masks == 1
+    assert result.n_ignored_detections == 1  # class 3 is not in the image's truth: ignored first
+    assert "1 detections with an empty mask dropped" in result.format_table()
+
+
+def test_empty_truth_mask_is_ignored(tmp_path: Path):
+    empty = encode_mask(np.zeros((H, W), bool))
+    lines = [
+        "ID,ImageWidth,ImageHeight,Label,Mask",
+        f"a,{W},{H},0,{TEXT[1]}",
+        f"a,{W},{H},0|5,{empty}",  # a cell without pixels
+        f"b,{W},{H},7,{empty}",  # an image whose only cell has no pixels
+    ]
+    truth_csv = tmp_path / "truth.csv"
+    truth_csv.write_text("\n".join(lines) + "\n")
+    rows = [_row("a", (0, 0.9, TEXT[1]), (5, 0.4, TEXT[2])), _row("b", (7, 0.3, TEXT[1]))]
+    result = evaluate(rows, truth_csv)
+    # class 0: one truth cell (the empty one does not count), found -> 1 (counted, 1/2)
+    assert result.per_class_ap[0] == 1.0 and result.n_truth[0] == 1
+    # classes 5 and 7 have no truth cell with pixels: NaN, out of the mean; their detections are
+    # still evaluated (false positives), not ignored
+    assert math.isnan(result.per_class_ap[5]) and math.isnan(result.per_class_ap[7])
+    assert result.n_detections[[5, 7]].tolist() == [1, 1] and result.n_true_positives[[5, 7]].tolist() == [0, 0]
+    assert result.mean_ap == 1.0 and result.n_ignored_detections == 0
+    assert result.n_empty_truth_cells == 2
+
+
+def test_best_cell_only_even_when_another_cell_would_match():
+    # overlapping truth cells (possible in encoded-mask truth): A = rows 0-9 x cols 0-9, B = cols 1-10
+    a, b, d = (np.zeros((H, W), bool) for _ in range(3))
+    a[0:10, 0:10] = True
+    b[0:10, 1:11] = True
+    d[1:11, 0:10] = True  # IoU 90/110 = 0.82 with A, 81/119 = 0.68 with B
+    truth = {"x": ImageTruth("x", W, H, (mask_to_coco(a), mask_to_coco(b)), ((0,), (0,)))}
+    rows = [_row("x", (0, 0.9, encode_mask(a)), (0, 0.8, encode_mask(d)), (0, 0.7, encode_mask(b)))]
+    result = evaluate(rows, truth)
+    # d's best cell A is taken -> FP although B >= 0.6: TP, FP, TP -> 1/2 * 1 + 1/2 * 2/3
+    assert result.per_class_ap[0] == pytest.approx(0.5 + 1 / 3)
+    assert result.n_true_positives[0] == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# baselines
+# ----------------------------------------------------------------------------------------------
+
+
+def test_ceiling_is_the_share_of_truth_cells_the_segmentation_finds():
+    shifted = np.zeros((H, W), bool)
+    shifted[2:12, 6:16] = True  # cell 1 shifted by 4 px: IoU 60/140 < 0.6
+    truth = {
+        "a": _truth("a", {1: [0], 2: [0, 16], 3: [2]}),
+        "b": _truth("b", {1: [16], 3: [0]}),
+    }
+    rows = [
+        # a: cells 1 and 2 found, cell 3 not predicted; classes deliberately wrong
+        _row("a", (2, 0.9, TEXT[1]), (0, 0.1, TEXT[1]), (0, 0.2, TEXT[2])),
+        # b: cell 1 predicted too far off, cell 3 found (only with a class absent from b's truth)
+        _row("b", (16, 0.9, encode_mask(shifted)), (5, 0.9, TEXT[3])),
+    ]
+    result = evaluate_with_baselines(rows, truth, n_seeds=3)
+    # class 0: a1, a2 found, b3 found -> 3/3; class 16: a2 found, b1 missed -> 1/2; class 2: a3 missed -> 0
+    assert result.per_class_ceiling[[0, 16, 2]].tolist() == [1.0, 0.5, 0.0]
+    assert result.ceiling_map == pytest.approx(0.5)
+    assert result.n_predicted_cells == 4 and result.n_matched_cells == 3
+    assert math.isnan(result.per_class_ceiling[5])
+    # the submission itself: class 0 ranks a2 (TP) 0.2 then a1 (TP) 0.1 of 3 cells -> 2/3
+    assert result.per_class_ap[0] == pytest.approx(2 / 3)
+    assert result.mean_ap == evaluate(rows, truth).mean_ap
+
+
+def test_ceiling_lists_other_classes_at_zero():
+    # overlapping truth (encoded masks): the predicted cell matches A (class 1) one-to-one, and B
+    # (class 0, same pixels) only through the metric: class 0 at confidence 0 still finds B
+    a = np.zeros((H, W), bool)
+    a[0:10, 0:10] = True
+    truth = {"x": ImageTruth("x", W, H, (mask_to_coco(a), mask_to_coco(a)), ((1,), (0,)))}
+    result = evaluate_with_baselines([_row("x", (1, 0.5, encode_mask(a)))], truth, n_seeds=1)
+    assert result.per_class_ceiling[[0, 1]].tolist() == [1.0, 1.0]
+
+
+def test_random_baseline_averages_random_rankings():
+    # one truth cell, a TP and a FP detection: a random order gives AP 1 or 1/2, each half the time
+    truth = {"a": _truth("a", {1: [0]})}
+    rows = [_row("a", (0, 0.9, TEXT[1]), (0, 0.1, TEXT[3]))]
+    result = evaluate_with_baselines(rows, truth, n_seeds=400, seed=3)
+    assert set(np.round(result.random_maps, 12)) == {0.5, 1.0}
+    assert result.random_map == pytest.approx(0.75, abs=0.05)
+    assert result.random_map == pytest.approx(result.per_class_random[0])
+    # the submission ranks the TP first: AP 1 = ceiling -> skill 1
+    assert result.mean_ap == 1.0 and result.ceiling_map == 1.0 and result.skill == pytest.approx(1.0)
+    # ranked the other way: AP 1/2, below chance -> negative skill
+    worse = evaluate_with_baselines([_row("a", (0, 0.1, TEXT[1]), (0, 0.9, TEXT[3]))], truth, n_seeds=400, seed=3)
+    assert worse.mean_ap == 0.5
+    assert worse.skill == pytest.approx((0.5 - worse.random_map) / (1.0 - worse.random_map))
+    assert worse.skill < 0
+    same = evaluate_with_baselines(rows, truth, n_seeds=400, seed=3)
+    np.testing.assert_array_equal(same.random_maps, result.random_maps)  # seeded
+
+
+def test_skill_per_class_and_overall_and_report_forms():
+    rng = np.random.default_rng(4)
+    truth, _, rows, _ = _random_case(rng, n_images=5, score_levels=None)
+    result = evaluate_with_baselines(rows, truth, n_seeds=5, seed=1)
+    assert isinstance(result, BaselineResult) and result.random_maps.shape == (5,)
+    with_truth = result.n_truth > 0
+    with np.errstate(invalid="ignore"):
+        expected = (result.per_class_ap - result.per_class_random) / (result.per_class_ceiling - result.per_class_random)
+    np.testing.assert_allclose(result.per_class_skill[with_truth], expected[with_truth])
+    assert np.isnan(result.per_class_skill[~with_truth]).all()
+    assert result.skill == pytest.approx(
+        (result.mean_ap - result.random_map) / (result.ceiling_map - result.random_map)
+    )
+    assert result.random_map == pytest.approx(np.mean(result.per_class_random[with_truth]))
+    assert (result.per_class_random[with_truth] <= result.per_class_ceiling[with_truth] + 1e-12).all()
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["mAP"] == pytest.approx(result.mean_ap) and data["skill"] == pytest.approx(result.skill)
+    assert len(data["classes"]) == 19 and data["classes"][18]["skill"] is None
+    table = result.format_table()
+    assert "ceiling" in table and f"skill {result.skill:.4f}" in table
+    with pytest.raises(ValueError, match="n_seeds"):
+        evaluate_with_baselines(rows, truth, n_seeds=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# files and command line
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def default_csv_field_limit():
+    """Python's default csv field limit (128 KiB), as in a fresh process; restored afterwards."""
+    old = csv.field_size_limit(131072)
+    yield
+    csv.field_size_limit(old)
+
+
+def test_large_masks_read_in_a_fresh_process(tmp_path: Path, default_csv_field_limit):
+    noise = np.random.default_rng(0).random((900, 900)) < 0.5  # a ~200 kB mask text
+    text = encode_mask(noise)
+    assert len(text) > 180_000
+    truth_csv = tmp_path / "truth.csv"
+    truth_csv.write_text(f"ID,ImageWidth,ImageHeight,Label,Mask\nn,900,900,3,{text}\n")
+    sub = tmp_path / "submission.csv"
+    sub.write_text(f"ID,ImageWidth,ImageHeight,PredictionString\nn,900,900,3 0.5 {text}\n")
+    csv.field_size_limit(131072)
+    assert evaluate(sub, truth_csv).mean_ap == 1.0
+
+
+def test_non_utf8_truth_names_the_file(tmp_path: Path, capsys):
+    truth_csv = tmp_path / "latin1.csv"
+    truth_csv.write_bytes(b"ID,ImageWidth,ImageHeight,CellId,Label\nimg\xe9,60,40,1,0\n")
+    with pytest.raises(CsvFormatError, match=r"latin1\.csv line 2: not UTF-8 text"):
+        load_truth(truth_csv)
+    truth_csv.write_bytes(b"\xff\xfeI\x00D\x00")  # UTF-16
+    with pytest.raises(CsvFormatError, match=r"latin1\.csv line 1: not UTF-8 text"):
+        load_truth(truth_csv)
+    sub = tmp_path / "s.csv"
+    write_submission(sub, [])
+    assert main(["--submission", str(sub), "--truth", str(truth_csv), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "latin1.csv" in err and "\n" not in err
+
+
+def test_image_level_labels_are_refused_with_a_reason(tmp_path: Path):
+    labels = tmp_path / "train.csv"
+    labels.write_text("ID,Label\na,0|1\n")
+    with pytest.raises(CsvFormatError, match="image-level labels only.*cell-level truth"):
+        load_truth(labels)
+
+
+def test_cli_baselines_and_json_into_a_new_folder(tmp_path: Path, capsys):
+    truth_csv, truth = _write_truth_files(tmp_path)
+    sub = tmp_path / "submission.csv"
+    write_submission(sub, _submission_rows(truth))
+    out = tmp_path / "new" / "deeper" / "result.json"
+    assert main(["--submission", str(sub), "--truth", str(truth_csv), "--baselines", "--seeds", "3",
+                 "--json", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "random" in printed and "ceiling" in printed and "skill" in printed
+    data = json.loads(out.read_text())
+    expected = evaluate_with_baselines(sub, truth_csv, n_seeds=3, seed=0)
+    assert data["baselines"] == json.loads(json.dumps(expected.to_dict()))
+    assert data["mAP"] == pytest.approx(expected.mean_ap)
+    assert [p.name for p in out.parent.iterdir()] == ["result.json"]  # nothing half-written beside it
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["--submission", str(sub), "--truth", str(truth_csv), "--json", str(blocker / "r.json"),
+                 "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert "mAP@IoU" in captured.out  # the table came first
+    err = captured.err.strip()
+    assert err.startswith("error: cannot write") and "a_file" in err and "\n" not in err
+    with pytest.raises(SystemExit):
+        main(["--submission", str(sub), "--truth", str(truth_csv), "--baselines", "--seeds", "0"])
