@@ -128,10 +128,11 @@ def test_resume_continues_at_the_next_epoch_with_the_same_optimizer_state(shards
 
 
 def test_a_small_model_learns_the_synthetic_classes(shards, tmp_path):
-    """~630 training / ~210 validation cells of 5 classes (+ Negative), 64 px, tiny_cnn from scratch,
-    18 epochs, augmentation on the device (the default). Measured over training seeds 0-3: final val
-    macro AUC 0.967-0.99, val mAP 0.86-0.96 (host augmentation, seeds 0-5: 0.97-0.996 and 0.86-0.97;
-    chance: AUC 0.5, mAP ~ class frequency ~0.2); the floors leave a wide margin."""
+    """634 training / 232 validation cells (builder output, 64 px crops; 5 classes with distinct green
+    patterns, Aggresome in one field), tiny_cnn from scratch, 18 epochs, augmentation on the device
+    (the default). Measured over training seeds 0-2: final val macro AUC 0.989-0.995, val mAP
+    (competition AP) 0.95-0.97; chance: AUC 0.5, mAP ~ class frequency ~0.2. The floors leave a
+    wide margin."""
     config = _config(shards, tmp_path, image_size=64, batch_size=32, epochs=18, steps_per_epoch=None, lr=3e-3,
                      val_fold=0, seed=0)
     result = train.train(config)
