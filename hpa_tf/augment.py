@@ -36,9 +36,9 @@ import tensorflow as tf
 
 from hpa_tf.config import DEFAULT_AUGMENT, AugmentConfig
 
-#: The 8 symmetries of a square (dihedral group D4), indexed by bits (see :func:`dihedral`): bit 2
-#: transposes first, then bit 0 flips left-right and bit 1 flips up-down. 0-3: flips only;
-#: (0, 5, 3, 6): the four rotations.
+#: The 8 symmetries of a square (dihedral group D4), indexed by bits (see :func:`dihedral`): 4
+#: transposes first, then 1 flips left-right and 2 flips up-down. 0-3: flips only; (0, 5, 3, 6):
+#: the four rotations.
 D4_ALL = tuple(range(8))
 D4_FLIPS = (0, 1, 2, 3)
 D4_ROTATIONS = (0, 5, 3, 6)
