@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from hpa_tf.crops import cell_crops  # noqa: E402
+from hpa_tf.crops import CropSpec, cell_crops  # noqa: E402
 from hpa_tf.io import read_labels, read_rgby  # noqa: E402
 from hpa_tf.records import encode_example  # noqa: E402
 from hpa_tf.synthetic import write_dataset  # noqa: E402
@@ -40,10 +40,11 @@ def _dataset(path: Path, n: int, size: int) -> Path:
     return path
 
 
-def _build(data: Path, n: int, **kw) -> tuple[float, dict]:
+def _build(data: Path, n: int, crop_size: int, mask_neighbors: bool = False, **kw) -> tuple[float, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         options = BuildOptions(data_dir=str(data / "train"), labels=str(data / "train.csv"), out=tmp + "/out",
-                               folds=2, limit=n, images_per_shard=max(1, n // 4), **kw)
+                               crop=CropSpec(size=crop_size, mask_neighbors=mask_neighbors), folds=2, limit=n,
+                               images_per_shard=max(1, n // 4), **kw)
         t0 = time.perf_counter()
         result = build(options)
         return time.perf_counter() - t0, result.summary
@@ -51,7 +52,7 @@ def _build(data: Path, n: int, **kw) -> tuple[float, dict]:
 
 def _noop(_: int) -> int:
     import hpa_tf.records  # noqa: F401  (what a worker imports before its first task)
-    import tfrecord_builder.builder  # noqa: F401
+    import tfrecord_builder.worker  # noqa: F401
 
     return os.getpid()
 

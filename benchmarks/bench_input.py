@@ -31,12 +31,16 @@ one_core()
 
 import tensorflow as tf  # noqa: E402
 
-from hpa_tf import data  # noqa: E402
+from hpa_tf import data, shardset  # noqa: E402
+from hpa_tf.config import AugmentConfig  # noqa: E402
+from hpa_tf.crops import CropSpec  # noqa: E402
 from hpa_tf.records import FEATURE_SPEC  # noqa: E402
+from tfrecord_builder import build_synthetic  # noqa: E402
 
 BATCH = 32
-#: host side of the default training input: augmentation runs on the device (train.host_augmentation)
-DEVICE_MODE = data.AugmentConfig(flip=False, rotate90=False, brightness=0.0, contrast=0.0)
+#: host side of the default training input: augmentation runs on the device (train.host_augmentation
+#: leaves tf.data nothing to do)
+DEVICE_MODE = None
 
 
 def _one_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -78,21 +82,22 @@ def main() -> None:
     names = ("pipeline", "host-aug", "host-geom", "eval", "+resize224")
     print(f"{'crop':>5} {'records':>8} {'bare':>8} " + " ".join(f"{n:>15}" for n in names))
     for size in a.sizes:
-        info = data.write_synthetic_shards(f"{tmp}/s{size}", n_fields=a.fields, field_size=1024, crop_size=size,
-                                           n_folds=2, per_shard=64, seed=7)
-        shards = info["shards"]
+        result = build_synthetic(f"{tmp}/d{size}", f"{tmp}/s{size}", n_fields=a.fields, field_size=1024,
+                                 crop=CropSpec(size=size), folds=2, seed=7, images_per_shard=2)
+        shards = shardset.list_shards(result.out)
+
+        def inputs(augment: AugmentConfig | None, image_size: int = size, crop: int = size) -> data.InputConfig:
+            return data.InputConfig(crop_size=crop, image_size=image_size, batch_size=BATCH, seed=0,
+                                    shuffle_buffer=256, augment=augment)
+
         base = rate(bare(shards), a.examples)
-        train = rate(data.make_dataset(shards, BATCH, size, training=True, seed=0, crop_size=size,
-                                       shuffle_buffer=256, augment=DEVICE_MODE), a.examples)
-        host = rate(data.make_dataset(shards, BATCH, size, training=True, seed=0, crop_size=size,
-                                      shuffle_buffer=256, augment=data.AugmentConfig()), a.examples)
-        geometry = rate(data.make_dataset(shards, BATCH, size, training=True, seed=0, crop_size=size, shuffle_buffer=256,
-                                          augment=data.AugmentConfig(brightness=0.0, contrast=0.0)), a.examples)
-        evaluation = rate(data.make_dataset(shards, BATCH, size, training=False, crop_size=size).repeat(), a.examples)
-        resized = rate(data.make_dataset(shards, BATCH, 224, training=True, seed=0, crop_size=size,
-                                         shuffle_buffer=256, augment=DEVICE_MODE), a.examples)
+        train = rate(data.make_dataset(shards, inputs(DEVICE_MODE)), a.examples)
+        host = rate(data.make_dataset(shards, inputs(AugmentConfig())), a.examples)
+        geometry = rate(data.make_dataset(shards, inputs(AugmentConfig(brightness=0.0, contrast=0.0))), a.examples)
+        evaluation = rate(data.make_dataset(shards, inputs(None), training=False).repeat(), a.examples)
+        resized = rate(data.make_dataset(shards, inputs(DEVICE_MODE, 224)), a.examples)
         cells = [f"{v:7.0f} ({100 * v / base:3.0f}%)" for v in (train, host, geometry, evaluation, resized)]
-        print(f"{size:>5} {info['n_examples']:>8} {base:>8.0f} " + " ".join(f"{c:>15}" for c in cells), flush=True)
+        print(f"{size:>5} {result.cells:>8} {base:>8.0f} " + " ".join(f"{c:>15}" for c in cells), flush=True)
     print(f"peak RSS {peak_rss_mb():.0f} MB")
 
 

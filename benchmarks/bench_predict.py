@@ -28,7 +28,7 @@ def main() -> None:
 
     from hpa_tf import predict as hp
     from hpa_tf.backbones import build_classifier
-    from hpa_tf.labels import NUM_CLASSES
+    from hpa_tf.crops import CropSpec
     from hpa_tf.model import save_model
     from hpa_tf.synthetic import write_dataset
 
@@ -36,9 +36,7 @@ def main() -> None:
         tmp = Path(tmp)
         write_dataset(tmp / "data", n_train=0, n_test=a.fields, size=a.size, seed=7, bit16_test=True)
         model = build_classifier(a.backbone, image_size=a.image_size, channels=4)
-        save_model(model, str(tmp / "m.keras"), config={
-            "backbone": a.backbone, "image_size": a.image_size, "channels": 4, "channel_letters": "rgby",
-            "crop_size": a.crop_size, "num_classes": NUM_CLASSES})
+        save_model(model, str(tmp / "m.keras"), crop=CropSpec(size=a.crop_size))
         # warm-up on one field so tracing and first-call costs are not counted
         config = hp.PredictConfig(test_dir=str(tmp / "data" / "test"), models=[str(tmp / "m.keras")],
                                   out=str(tmp / "warm.csv"), progress=False, batch_size=a.batch_size, tta=a.tta)

@@ -7,7 +7,7 @@ and its default ``--augment-on device``: the model carries the on-device augment
 (``hpa_tf.augment.RandomAugment``: flips/rot90/intensity inside the training step, so the figures
 include it) and the host pipeline only decodes and batches (``train.host_augmentation``).
 ``memory`` repeats one batch already in memory (no input cost), ``pipeline`` reads synthetic
-shards through ``hpa_tf.data.make_dataset`` (training: shuffle, decode). If the two rates match,
+shards (built by the TFRecord builder) through ``hpa_tf.data.make_dataset`` (training: shuffle, decode). If the two rates match,
 the pipeline is not the bottleneck. ``--augment-on host`` measures the tf.data-augmented variant.
 All cores of the machine are used (no pinning).
 """
@@ -24,8 +24,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from _common import peak_rss_mb  # noqa: E402
 
-from hpa_tf import data, train  # noqa: E402
+from hpa_tf import data, shardset, train  # noqa: E402
 from hpa_tf.backbones import build_classifier  # noqa: E402
+from hpa_tf.config import TrainConfig  # noqa: E402
+from hpa_tf.crops import CropSpec  # noqa: E402
+from tfrecord_builder import build_synthetic  # noqa: E402
 
 
 def images_per_second(model, ds: tf.data.Dataset, steps: int, batch: int) -> float:
@@ -45,9 +48,11 @@ def main() -> None:
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     size, batch = a.image_size, a.batch_size
-    shards = data.write_synthetic_shards(tempfile.mkdtemp(prefix="bench_train_"), n_fields=6, field_size=768,
-                                         crop_size=size, n_folds=2, per_shard=64, seed=3)["shards"]
-    config = train.TrainConfig(data="", out="", backbone=a.backbone, image_size=size, augment_on=a.augment_on)
+    tmp = tempfile.mkdtemp(prefix="bench_train_")
+    build_synthetic(f"{tmp}/data", f"{tmp}/shards", n_fields=6, field_size=768, crop=CropSpec(size=size), folds=2,
+                    seed=3, images_per_shard=2)
+    shards = shardset.list_shards(f"{tmp}/shards")
+    config = TrainConfig(data="", out="", backbone=a.backbone, image_size=size, augment_on=a.augment_on)
     host_augment, device_augment = train.host_augmentation(config)
     model = build_classifier(a.backbone, size, 4, dropout=0.2, augment=device_augment)
     train.compile_model(model, config, total_steps=10_000, warmup_steps=100)
@@ -56,8 +61,8 @@ def main() -> None:
     x = rng.integers(0, 255, (batch, size, size, 4)).astype(np.float32)
     y = (rng.random((batch, 19)) < 0.15).astype(np.float32)
     memory = tf.data.Dataset.from_tensors((x, y)).repeat()
-    pipeline = data.make_dataset(shards, batch, size, training=True, seed=0, crop_size=size, shuffle_buffer=256,
-                                 augment=host_augment)
+    pipeline = data.make_dataset(shards, data.InputConfig(crop_size=size, image_size=size, batch_size=batch, seed=0,
+                                                          shuffle_buffer=256, augment=host_augment))
 
     n_input = 40 * batch
     it = iter(pipeline)

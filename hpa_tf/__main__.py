@@ -17,8 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "download": ("hpa_tf.download", "fetch the public HPA images of a list and write their train.csv"),
     "segment": ("hpa_tf.segmentation.__main__", "segment fields into cell and nucleus label images"),
     "build": ("tfrecord_builder.__main__", "crop every cell and shard the crops into TFRecords"),
-    "train": ("train_tpu", "train the classifier (TPU, GPUs or CPU)"),
-    "predict": ("predict", "predict every cell of a test folder and write the submission CSV"),
+    "train": ("hpa_tf.cli.train", "train the classifier (TPU, GPUs or CPU)"),
+    "predict": ("hpa_tf.cli.predict", "predict every cell of a test folder and write the submission CSV"),
     "metric": ("hpa_tf.metric", "score a submission with the competition's mAP"),
 }
 

@@ -19,6 +19,14 @@ Masks
     OTHER cells are set to zero in the crop before resizing; background (label 0) and the cell's
     own pixels are kept.
 
+The crop spec
+    ``CropSpec`` (frozen) is everything that defines a crop: ``kind``, ``size``, ``margin`` and
+    ``mask_neighbors``. It is the one object that travels between the stages: the TFRecord builder
+    writes it into the shard set's ``build_config.json``, training reads it from there and copies it
+    into ``model.json``, and the predictor and the demo read it from ``model.json`` and crop with
+    ``spec.crop``/``spec.iter_crops``. It is serialised only by ``to_dict``/``from_dict``; the
+    latter refuses a missing or unknown key (nothing is filled in from a default on the way).
+
 Memory
     ``cell_crops`` returns all crops of a field at once: ``N × size² × C`` bytes, e.g. 50 cells ×
     512² × 4 = 52 MB. ``iter_cell_crops`` yields the same crops in batches of ``batch_size`` cells
@@ -29,8 +37,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
 import cv2
 import numpy as np
@@ -40,6 +49,12 @@ log = logging.getLogger(__name__)
 
 #: Default margin: 10 % of the longer box side on each side.
 DEFAULT_MARGIN: float = 0.1
+#: Default crop side in pixels.
+DEFAULT_CROP_SIZE: int = 512
+#: Record kinds a crop spec can describe. ``cell``: one square crop per segmented cell (this
+#: module's geometry). A whole-field kind (each field resized to ``size`` × ``size``) is meant to
+#: join as a second value here, with the same spec, shard-set layout and folds.
+KINDS: tuple[str, ...] = ("cell",)
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,92 @@ class CellTable:
 
     def __len__(self) -> int:
         return len(self.cell_ids)
+
+
+class CropSpecError(ValueError):
+    """A crop spec that is malformed or incomplete (the message says where it came from)."""
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """Everything that defines a crop (see the module docstring); hashable, comparable, frozen.
+
+    Attributes
+    ----------
+    kind : record kind, one of ``KINDS`` (``"cell"``).
+    size : crop side S in pixels (>= 1).
+    margin : fraction of the cell box's longer side added on each side (>= 0; 0 is a tight box).
+    mask_neighbors : zero the pixels of other cells in each crop.
+
+    >>> spec = CropSpec(size=64, margin=0.0, mask_neighbors=True)
+    >>> CropSpec.from_dict(spec.to_dict()) == spec
+    True
+    >>> CropSpec.from_dict({"kind": "cell", "size": 64, "margin": 0.0}, where="model.json")
+    Traceback (most recent call last):
+    ...
+    hpa_tf.crops.CropSpecError: model.json: crop spec lacks key(s) ['mask_neighbors']
+    """
+
+    kind: str = "cell"
+    size: int = DEFAULT_CROP_SIZE
+    margin: float = DEFAULT_MARGIN
+    mask_neighbors: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.kind not in KINDS:
+            problems.append(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 1:
+            problems.append(f"size must be an integer >= 1, got {self.size!r}")
+        if (isinstance(self.margin, bool) or not isinstance(self.margin, (int, float, np.floating, np.integer))
+                or not math.isfinite(self.margin) or self.margin < 0):
+            problems.append(f"margin must be a finite number >= 0, got {self.margin!r}")
+        if not isinstance(self.mask_neighbors, (bool, np.bool_)):
+            problems.append(f"mask_neighbors must be true or false, got {self.mask_neighbors!r}")
+        if problems:
+            raise CropSpecError("; ".join(problems))
+        # canonical Python types, so that equality, hashing and JSON do not depend on the caller's
+        object.__setattr__(self, "size", int(self.size))
+        object.__setattr__(self, "margin", float(self.margin))
+        object.__setattr__(self, "mask_neighbors", bool(self.mask_neighbors))
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"kind", "size", "margin", "mask_neighbors"}``, JSON-ready."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "crop spec") -> CropSpec:
+        """The spec ``to_dict`` wrote. Every key is required and no other is accepted.
+
+        Raises
+        ------
+        CropSpecError : not a mapping, a missing or unknown key, or a bad value; the message
+            starts with ``where`` (e.g. the file it came from).
+        """
+        if not isinstance(data, Mapping):
+            raise CropSpecError(f"{where}: crop spec must be a JSON object, got {type(data).__name__}")
+        names = [f.name for f in fields(cls)]
+        missing = [k for k in names if k not in data]
+        unknown = sorted(k for k in data if k not in names)
+        if missing:
+            raise CropSpecError(f"{where}: crop spec lacks key(s) {missing}")
+        if unknown:
+            raise CropSpecError(f"{where}: crop spec has unknown key(s) {unknown} (known: {names})")
+        try:
+            return cls(**{k: data[k] for k in names})
+        except CropSpecError as e:
+            raise CropSpecError(f"{where}: {e}") from None
+
+    def crop(self, image: np.ndarray, cells: np.ndarray, cell_ids: Sequence[int] | np.ndarray | None = None,
+             min_area: int = 0) -> CellCrops:
+        """``cell_crops`` of a field with this spec's size, margin and neighbour masking."""
+        return cell_crops(image, cells, self.size, self.margin, self.mask_neighbors, min_area, cell_ids)
+
+    def iter_crops(self, image: np.ndarray, cells: np.ndarray, cell_ids: Sequence[int] | np.ndarray | None = None,
+                   min_area: int = 0, batch_size: int = 16) -> Iterator[CellCrops]:
+        """``iter_cell_crops`` of a field with this spec (bounded memory)."""
+        return iter_cell_crops(image, cells, self.size, self.margin, self.mask_neighbors, min_area, cell_ids,
+                               batch_size)
 
 
 def crop_window(bbox: Sequence[int], shape: Sequence[int], margin: float = DEFAULT_MARGIN) -> tuple[int, int, int]:
@@ -185,7 +286,7 @@ def _crop_one(
 def iter_cell_crops(
     image: np.ndarray,
     cells: np.ndarray,
-    size: int = 512,
+    size: int = DEFAULT_CROP_SIZE,
     margin: float = DEFAULT_MARGIN,
     mask_neighbors: bool = False,
     min_area: int = 0,
@@ -226,7 +327,7 @@ def iter_cell_crops(
 def cell_crops(
     image: np.ndarray,
     cells: np.ndarray,
-    size: int = 512,
+    size: int = DEFAULT_CROP_SIZE,
     margin: float = DEFAULT_MARGIN,
     mask_neighbors: bool = False,
     min_area: int = 0,

@@ -92,11 +92,12 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings) -> dict:
 
     # 2. segmentation + shards ------------------------------------------------------------------
     t0 = _stage(2, "segment the training fields and build TFRecord shards of cell crops")
-    from tfrecord_builder.builder import BuildOptions, build
+    from hpa_tf.crops import CropSpec
+    from tfrecord_builder import BuildOptions, build
 
     built = build(
         BuildOptions(data_dir=str(data / "train"), labels=str(data / "train.csv"), out=str(shards),
-                     crop_size=settings.crop_size, segmenter="builtin", workers=settings.workers,
+                     crop=CropSpec(size=settings.crop_size), segmenter="builtin", workers=settings.workers,
                      folds=settings.folds, seed=settings.seed, images_per_shard=8),
         progress=True,
     )
@@ -179,7 +180,6 @@ def _segmentation_figures(data: Path, ids: Sequence[str]):
 def _write_report(out, settings, data, train_dir, model_path, built, trained, predicted, result, chance,
                   timings) -> dict:
     from hpa_tf import report
-    from hpa_tf.crops import cell_crops
     from hpa_tf.io import read_sample_submission
     from hpa_tf.labels import CLASS_NAMES, SHORT_NAMES
     from hpa_tf.predict import Classifier, load_models
@@ -197,7 +197,8 @@ def _write_report(out, settings, data, train_dir, model_path, built, trained, pr
     report.plot_per_class_ap(result.per_class_ap, result.n_truth, pics / "per_class_ap.png",
                              title=f"synthetic test split: mAP {result.mean_ap:.3f}")
 
-    # montage: cells of the first test fields, predicted by the trained model
+    # montage: cells of the first test fields, cropped as the model's model.json says (its crop spec)
+    # and predicted by it
     import csv
 
     truth: dict[tuple[str, int], list[int]] = {}
@@ -211,7 +212,7 @@ def _write_report(out, settings, data, train_dir, model_path, built, trained, pr
     crops_all, scores_all, truth_all = [], [], []
     per_field = max(1, -(-24 // max(1, len(ids))))  # spread the montage over the fields
     for image, cells, tcells, image_id in zip(images, pred_cells, true_cells, ids):
-        cc = cell_crops(image, cells, size=loaded.crop_size)
+        cc = loaded.spec.crop.crop(image, cells)
         if not len(cc.cell_ids):
             continue
         pick = np.argsort(-cc.areas)[:per_field]  # the field's largest (most visible) cells

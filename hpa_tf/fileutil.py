@@ -1,15 +1,19 @@
-"""Write-then-rename helpers: a killed run never leaves a half-written file under its final name.
+"""Files, local or remote: the one gfile-or-local helper module, and write-then-rename helpers so
+that a killed run never leaves a half-written file under its final name.
 
-Paths with a URL scheme (``gs://…``) go through ``tf.io.gfile`` (imported lazily); local paths
-use the standard library.
+Paths with a URL scheme (``gs://…``) go through ``tf.io.gfile`` (imported lazily, so light modules
+stay free of TensorFlow); local paths use the standard library.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob as _glob
+import json
 import os
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -25,6 +29,58 @@ def _gfile():
 
 def exists(path: str | os.PathLike) -> bool:
     return _gfile().exists(str(path)) if is_remote(path) else os.path.exists(path)
+
+
+def isdir(path: str | os.PathLike) -> bool:
+    return _gfile().isdir(str(path)) if is_remote(path) else os.path.isdir(path)
+
+
+def listdir(path: str | os.PathLike) -> list[str]:
+    """Names in a folder (no trailing ``/``); ``[]`` when the folder does not exist."""
+    if is_remote(path):
+        return [n.rstrip("/") for n in _gfile().listdir(str(path))] if _gfile().isdir(str(path)) else []
+    return os.listdir(path) if os.path.isdir(path) else []
+
+
+def glob(pattern: str | os.PathLike) -> list[str]:
+    """Paths matching a glob pattern, sorted (``*`` does not match a leading dot locally)."""
+    if is_remote(pattern):
+        return sorted(_gfile().glob(str(pattern)))
+    return sorted(_glob.glob(str(pattern)))
+
+
+def file_size(path: str | os.PathLike) -> int:
+    return int(_gfile().stat(str(path)).length) if is_remote(path) else os.path.getsize(path)
+
+
+def open_read(path: str | os.PathLike, mode: str = "r", newline: str | None = None):
+    """An open file for reading (text mode reads UTF-8; ``newline=""`` for the csv module)."""
+    if is_remote(path):
+        return _gfile().GFile(str(path), mode)
+    if "b" in mode:
+        return open(path, mode)
+    return open(path, mode, encoding="utf-8", newline=newline)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    with open_read(path, "r") as f:
+        return f.read()
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content (``ValueError`` on invalid JSON, ``OSError`` when unreadable)."""
+    return json.loads(read_text(path))
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` atomically (temporary name, then rename)."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def write_json(path: str | os.PathLike, obj: object, indent: int = 1) -> None:
+    """Write ``obj`` as JSON atomically."""
+    write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
 def makedirs(path: str | os.PathLike) -> None:
@@ -86,5 +142,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs):
             with _gfile().GFile(tmp, mode) as f:
                 yield f
         else:
+            if "b" not in mode:
+                kwargs.setdefault("encoding", "utf-8")
             with open(tmp, mode, **kwargs) as f:
                 yield f

@@ -106,13 +106,7 @@ def write_folds_csv(path: str | os.PathLike, folds: Mapping[str, int]) -> None:
 def read_folds_csv(path: str | os.PathLike) -> dict[str, int]:
     """Read a ``folds.csv`` written by ``write_folds_csv`` into ``{ID: fold}``."""
     rows: dict[str, int] = {}
-    if fileutil.is_remote(path):
-        import tensorflow as tf
-
-        opener = tf.io.gfile.GFile(str(path), "r")
-    else:
-        opener = open(path, newline="", encoding="utf-8")
-    with opener as f:
+    with fileutil.open_read(path, "r", newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"ID", "fold"} <= set(reader.fieldnames):
             raise ValueError(f"{path}: expected columns ID,fold, got {reader.fieldnames}")

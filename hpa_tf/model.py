@@ -26,14 +26,13 @@ and we *set* the Normalization weights to our stats; V2 is built with
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import os
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import keras
@@ -41,7 +40,8 @@ import numpy as np
 
 from hpa_tf import fileutil
 from hpa_tf.augment import RandomAugment, augment_settings, model_augment_settings
-from hpa_tf.io import CHANNELS
+from hpa_tf.crops import CropSpec
+from hpa_tf.io import channel_indices
 from hpa_tf.labels import CLASS_NAMES, NUM_CLASSES
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,10 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 PIXEL_SCALE: float = 1.0 / 255.0
 STEM_CONV = "stem_conv"
 CONFIG_FORMAT = "hpa_tf.model"
-CONFIG_VERSION = 1
+#: 2: the crop spec is one ``crop`` entry (``hpa_tf.crops.CropSpec``).
+CONFIG_VERSION = 2
+#: Channel letter → name.
+LETTER_NAMES: dict[str, str] = {"r": "red", "g": "green", "b": "blue", "y": "yellow"}
 
 
 class LoadedModel(NamedTuple):
@@ -457,55 +460,126 @@ def load_backbone_weights(model: keras.Model, weights: str | os.PathLike) -> Non
 # --------------------------------------------------------------------------- config, save, load
 
 
+def model_backbone(model: keras.Model) -> str:
+    """The backbone name of a classifier from :func:`build_model` or ``hpa_tf.backbones``.
+
+    Both name their models ``hpa_<backbone>`` (``hpa_efficientnet_b0``, ``hpa_tiny_cnn``); a model
+    named otherwise is recognised by its nested EfficientNet.
+    """
+    if model.name.startswith("hpa_"):
+        name = model.name[len("hpa_"):]
+        return resolve_backbone(name) if _squash(name) in _BY_SQUASHED else name
+    return resolve_backbone(backbone_layer(model).name)
+
+
+def default_channels(n: int) -> str:
+    """The channel letters of an ``n``-channel model when not given: ``rgby`` (4) or ``rgb`` (3)."""
+    if n not in (3, 4):
+        raise ValueError(f"a {n}-channel model needs its channel letters (e.g. channels='gy')")
+    return "rgby"[:n]
+
+
 def model_config(
-    source: keras.Model | Mapping[str, Any] | argparse.Namespace,
+    model: keras.Model,
+    crop: CropSpec | None = None,
+    channels: str | None = None,
     class_names: Sequence[str] = CLASS_NAMES,
-    channel_names: Sequence[str] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """The JSON-able description that goes into ``model.json`` beside the ``.keras`` file.
+    """The description that goes into ``model.json`` beside the ``.keras`` file: THE one writer of it,
+    for every backbone (EfficientNets and ``tiny_cnn``).
 
-    ``source`` is a model from :func:`build_model` (everything is read from it) or the
-    arguments it was built with (``backbone``, ``image_size``, ``channels``, optional
-    ``num_classes``/``normalization``/``augment``). ``augment`` records the on-device training
-    augmentation (None without one; it is the identity at inference). ``extra`` (e.g. training settings) is added as is.
+    Everything about the network is read from ``model`` itself (backbone, input size, channel count,
+    normalisation, on-device augmentation, outputs), so the description cannot disagree with it.
+
+    Parameters
+    ----------
+    model : a classifier from :func:`build_model` or ``hpa_tf.backbones.build_classifier``.
+    crop : the crop spec of the shard set it was trained on (``hpa_tf.crops.CropSpec``), recorded
+        as ``crop`` (None: recorded as null, and the predictor refuses the model).
+    channels : the input's channel letters, e.g. ``rgby``, ``gy`` (default: ``default_channels``).
+    class_names : one per output.
+    extra : added as is (e.g. ``training``, ``val_metrics``); may not replace a described key.
+
+    Keys: ``format``, ``format_version``, ``backbone``, ``image_size``, ``channels`` (count),
+    ``channel_letters``, ``channel_names``, ``input``, ``normalization``, ``augment``, ``num_classes``,
+    ``class_names``, ``activation``, ``crop``, ``keras_version``, then ``extra``.
     """
-    if isinstance(source, keras.Model):
-        backbone = resolve_backbone(backbone_layer(source).name)
-        _, image_size, _, channels = source.input_shape
-        num_classes = int(source.output_shape[-1])
-        normalization = get_normalization(source)
-        augment = model_augment_settings(source)
-    else:
-        args = vars(source) if isinstance(source, argparse.Namespace) else dict(source)
-        backbone = resolve_backbone(args["backbone"])
-        image_size, channels = args["image_size"], args["channels"]
-        num_classes = int(args.get("num_classes") or NUM_CLASSES)
-        normalization = args.get("normalization") or default_normalization(backbone, channels)
-        augment = augment_settings(args.get("augment"))
+    _, image_size, width, n_channels = model.input_shape
+    if image_size != width:
+        raise ValueError(f"model {model.name!r} takes {image_size}x{width} inputs; classifiers take squares")
+    letters = default_channels(int(n_channels)) if channels is None else str(channels).lower()
+    if len(channel_indices(letters)) != n_channels:
+        raise ValueError(f"{len(letters)} channel letters {letters!r} for a {n_channels}-channel model")
+    num_classes = int(model.output_shape[-1])
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for {num_classes} outputs")
-    if channel_names is None:
-        channel_names = {4: CHANNELS, 3: CHANNELS[:3]}.get(int(channels))
-    if channel_names is not None and len(channel_names) != channels:
-        raise ValueError(f"{len(channel_names)} channel names for {channels} channels")
+    if crop is not None and not isinstance(crop, CropSpec):
+        raise TypeError(f"crop must be a hpa_tf.crops.CropSpec, got {type(crop).__name__}")
     config = {
         "format": CONFIG_FORMAT,
         "format_version": CONFIG_VERSION,
-        "backbone": backbone,
+        "backbone": model_backbone(model),
         "image_size": int(image_size),
-        "channels": int(channels),
-        "channel_names": list(channel_names) if channel_names is not None else None,
+        "channels": int(n_channels),
+        "channel_letters": letters,
+        "channel_names": [LETTER_NAMES[c] for c in letters],
         "input": {"dtype": "float32", "range": [0, 255], "layout": "NHWC"},
-        "normalization": normalization,
-        "augment": augment,
+        "normalization": get_normalization(model),
+        "augment": model_augment_settings(model),
         "num_classes": num_classes,
         "class_names": list(class_names),
         "activation": "sigmoid",
+        "crop": None if crop is None else crop.to_dict(),
         "keras_version": keras.__version__,
     }
+    clash = sorted(set(extra) & set(config))
+    if clash:
+        raise ValueError(f"extra keys {clash} would replace the model's own description")
     config.update(extra)
     return config
+
+
+class ModelConfigError(ValueError):
+    """A ``model.json`` that lacks what the predictor needs (the message names the file)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a predictor needs from ``model.json``, read strictly (no key is filled in by a default).
+
+    Attributes
+    ----------
+    backbone : e.g. ``efficientnet_b0``, ``tiny_cnn``.
+    image_size : model input side in pixels.
+    channels : the input's channel letters, e.g. ``rgby``.
+    crop : the crop spec the model was trained on: how to crop cells for it.
+    num_classes : outputs.
+    """
+
+    backbone: str
+    image_size: int
+    channels: str
+    crop: CropSpec
+    num_classes: int
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], where: str = "model.json") -> ModelSpec:
+        """Read a :func:`model_config` dict. Raises ``ModelConfigError`` naming ``where``."""
+        if not isinstance(config, Mapping):
+            raise ModelConfigError(f"{where}: not a JSON object")
+        missing = [k for k in ("backbone", "image_size", "channel_letters", "crop", "num_classes") if k not in config]
+        if missing:
+            raise ModelConfigError(f"{where}: lacks {missing} (not written by hpa_tf.model.model_config?)")
+        if config["crop"] is None:
+            raise ModelConfigError(f"{where}: no crop spec (the model was saved without one): cannot crop cells for it")
+        try:
+            crop = CropSpec.from_dict(config["crop"], where=f"{where} 'crop'")
+            letters = str(config["channel_letters"])
+            channel_indices(letters)
+            return cls(str(config["backbone"]), int(config["image_size"]), letters, crop, int(config["num_classes"]))
+        except (ValueError, TypeError) as e:
+            raise ModelConfigError(f"{where}: {e}" if not str(e).startswith(where) else str(e)) from None
 
 
 def config_path(model_path: str | os.PathLike) -> str:
@@ -514,25 +588,27 @@ def config_path(model_path: str | os.PathLike) -> str:
     return (path[: -len(".keras")] if path.endswith(".keras") else path) + ".json"
 
 
-def save_model(model: keras.Model, path: str | os.PathLike, config: Mapping[str, Any] | None = None,
-               **extra: Any) -> str:
-    """Write ``model`` to ``path`` (``.keras``) and its config to :func:`config_path`, each atomically.
+def write_config(json_path: str | os.PathLike, config: Mapping[str, Any]) -> str:
+    """Write a :func:`model_config` description as JSON, atomically; returns the path."""
+    fileutil.write_json(json_path, dict(config), indent=2)
+    return os.fspath(json_path)
 
-    ``config`` defaults to ``model_config(model, **extra)``. Returns the JSON path.
+
+def save_model(model: keras.Model, path: str | os.PathLike, crop: CropSpec | None = None, channels: str | None = None,
+               **extra: Any) -> str:
+    """Write ``model`` to ``path`` (``.keras``) and ``model_config(model, crop, channels, **extra)`` to
+    :func:`config_path`, each atomically. Returns the JSON path.
     """
     path = os.fspath(path)
     if not path.endswith(".keras"):
         raise ValueError(f"model path must end with .keras, got {path}")
-    config = dict(config) if config is not None else model_config(model, **extra)
+    config = model_config(model, crop=crop, channels=channels, **extra)
     parent = os.path.dirname(path)
     if parent:
         fileutil.makedirs(parent)
     with fileutil.atomic_path(path) as tmp:
         model.save(tmp)
-    json_path = config_path(path)
-    with fileutil.atomic_open(json_path, "w") as f:
-        json.dump(config, f, indent=2)
-    return json_path
+    return write_config(config_path(path), config)
 
 
 def load_model(path: str | os.PathLike, compile: bool = False) -> LoadedModel:
@@ -566,21 +642,12 @@ def load_model(path: str | os.PathLike, compile: bool = False) -> LoadedModel:
 
 def _read_config(json_path: str) -> dict[str, Any]:
     try:
-        with _open_read(json_path) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
+        config = fileutil.read_json(json_path)
+    except (OSError, ValueError) as err:
         raise ValueError(f"cannot read model config {json_path}: {err}") from None
     if not isinstance(config, dict):
         raise ValueError(f"model config {json_path} is not a JSON object")
     return config
-
-
-def _open_read(path: str):
-    if fileutil.is_remote(path):
-        import tensorflow as tf
-
-        return tf.io.gfile.GFile(path, "r")
-    return open(path, encoding="utf-8")
 
 
 def _check_config(model: keras.Model, config: Mapping[str, Any], json_path: str) -> None:

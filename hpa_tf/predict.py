@@ -22,13 +22,15 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hpa_tf.crops import DEFAULT_MARGIN, iter_cell_crops
+from hpa_tf.config import PredictConfig
+from hpa_tf.crops import CellCrops, CropSpec
 from hpa_tf.fileutil import atomic_open
 from hpa_tf.io import (
     ImageReadError,
@@ -48,47 +50,26 @@ from hpa_tf.submission import (
     write_submission,
 )
 
+if TYPE_CHECKING:
+    from hpa_tf.model import ModelSpec
+
 log = logging.getLogger(__name__)
 
 STAGES = ("read", "segment", "crop", "model", "encode")
 
 
 @dataclass
-class PredictConfig:
-    """Everything that defines a prediction run (the cache is keyed on it)."""
-
-    test_dir: str
-    models: list[str]
-    out: str = "submission.csv"
-    ids: list[str] | None = None
-    sample_submission: str | None = None
-    segmenter: str = "builtin"
-    nuclei_model: str | None = None
-    cell_model: str | None = None
-    device: str = "cuda"
-    masks_dir: str | None = None
-    batch_size: int = 32
-    tta: bool = False
-    image_weight: float = 0.3
-    cache_dir: str | None = None
-    progress: bool = True
-
-
-@dataclass
 class ClassifierSpec:
-    """A classifier and the crop/input settings it was trained with (from its model.json)."""
+    """A loaded classifier and what its ``model.json`` says (``hpa_tf.model.ModelSpec``: input size,
+    channels and the crop spec it was trained on)."""
 
     path: str
     model: object
-    channels: str = "rgby"
-    image_size: int = 256
-    crop_size: int = 256
-    mask_neighbors: bool = False
-    crop_margin: float = 0.1
+    spec: ModelSpec  # hpa_tf.model.ModelSpec (imported when models are loaded: keeps this module light)
 
-    @property
-    def crop_key(self) -> tuple:
-        return (self.crop_size, self.mask_neighbors, self.crop_margin)
+
+#: ``on_crops(image_id, crop_spec, batch)``: called with every batch of crops the models are given.
+CropsHook = Callable[[str, CropSpec, CellCrops], None]
 
 
 @dataclass
@@ -113,8 +94,9 @@ class PredictError(RuntimeError):
 
 
 def load_models(paths: Sequence[str]) -> list[ClassifierSpec]:
-    """Load ``.keras`` classifiers and the settings in the ``model.json`` beside each."""
-    from hpa_tf.model import load_model
+    """Load ``.keras`` classifiers and read the ``model.json`` beside each (required: it holds the crop
+    spec, read with ``ModelSpec.from_config``; nothing is filled in by a default)."""
+    from hpa_tf.model import ModelConfigError, ModelSpec, load_model
 
     if not paths:
         raise PredictError("no model given: pass --model PATH.keras")
@@ -123,19 +105,16 @@ def load_models(paths: Sequence[str]) -> list[ClassifierSpec]:
         if not Path(path).is_file():
             raise PredictError(f"model file not found: {path}")
         model, config = load_model(path)
-        config = config or {}
-        loaded.append(
-            ClassifierSpec(
-                path=str(path), model=model, channels=str(config.get("channel_letters") or "rgby"),
-                image_size=int(config.get("image_size") or model.input_shape[1]),
-                crop_size=int(config.get("crop_size") or config.get("image_size") or model.input_shape[1]),
-                mask_neighbors=bool(config.get("mask_neighbors") or False),
-                crop_margin=float(config.get("crop_margin") or DEFAULT_MARGIN),
-            )
-        )
-        channels_in = model.input_shape[-1]
-        if channels_in != len(loaded[-1].channels):
-            raise PredictError(f"{path}: model takes {channels_in} channels but model.json says {loaded[-1].channels!r}")
+        if config is None:
+            raise PredictError(f"{path}: no model.json beside it: its crop spec and channels are unknown")
+        try:
+            spec = ModelSpec.from_config(config, where=f"{path} config")
+        except ModelConfigError as e:
+            raise PredictError(str(e)) from None
+        if tuple(model.input_shape[1:]) != (spec.image_size, spec.image_size, len(spec.channels)):
+            raise PredictError(f"{path}: model takes {tuple(model.input_shape[1:])} but model.json says "
+                               f"{spec.image_size} px, channels {spec.channels!r}")
+        loaded.append(ClassifierSpec(path=str(path), model=model, spec=spec))
     return loaded
 
 
@@ -156,8 +135,8 @@ class Classifier:
 
         self.loaded = loaded
         self.batch_size = batch_size
-        self.index = channel_indices(loaded.channels)
-        size, crop = loaded.image_size, loaded.crop_size
+        self.index = channel_indices(loaded.spec.channels)
+        size, crop = loaded.spec.image_size, loaded.spec.crop.size
         model = loaded.model
 
         # the training pipeline's own resize (hpa_tf.data.resize), on the whole batch
@@ -200,22 +179,26 @@ def predict_field(
     tta: bool = False,
     image_weight: float = 0.3,
     seconds: dict[str, float] | None = None,
+    on_crops: Callable[[CropSpec, CellCrops], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-cell class scores of one segmented field.
 
-    Returns ``(cell_ids (N,), scores (N, 19))``, averaged over models and TTA views, then fused.
+    Each model's cells are cropped with the crop spec of its ``model.json`` (models sharing a spec
+    share the crops; ``on_crops(spec, batch)`` sees every batch). Returns ``(cell_ids (N,),
+    scores (N, 19))``, averaged over models and TTA views, then fused.
     """
     seconds = seconds if seconds is not None else {}
-    by_crop: dict[tuple, list[Classifier]] = {}
+    by_crop: dict[CropSpec, list[Classifier]] = {}
     for clf in classifiers:
-        by_crop.setdefault(clf.loaded.crop_key, []).append(clf)
+        by_crop.setdefault(clf.loaded.spec.crop, []).append(clf)
     cell_ids: np.ndarray | None = None
     total = None
-    for (crop_size, mask_neighbors, margin), group in by_crop.items():
+    for spec, group in by_crop.items():
         ids_parts, score_parts = [], []
         t0 = time.perf_counter()
-        for batch in iter_cell_crops(image, cells, size=crop_size, margin=margin, mask_neighbors=mask_neighbors,
-                                     batch_size=max(clf.batch_size for clf in group)):
+        for batch in spec.iter_crops(image, cells, batch_size=max(clf.batch_size for clf in group)):
+            if on_crops is not None:
+                on_crops(spec, batch)
             t1 = time.perf_counter()
             seconds["crop"] = seconds.get("crop", 0.0) + t1 - t0
             s = sum(clf(batch.crops, tta) for clf in group)
@@ -277,11 +260,14 @@ def _cache_dir(config: PredictConfig) -> Path:
     return base / digest
 
 
-def run(config: PredictConfig, segmenter=None) -> dict:
+def run(config: PredictConfig, segmenter=None, on_crops: CropsHook | None = None) -> dict:
     """Predict every requested field and write the submission CSV; returns a summary dict.
 
     Every requested ID gets a row: a field with no cells, or one that cannot be read, gets an
     empty PredictionString and is listed in the summary (``failed``, ``no_cells``).
+    ``on_crops(image_id, crop_spec, batch)`` is called with every batch of crops (a
+    ``hpa_tf.crops.CellCrops``) that the models are given, e.g. to look at what a model sees;
+    fields taken from the cache are not cropped again.
     """
     from hpa_tf.distribute import enable_memory_growth
 
@@ -306,7 +292,7 @@ def run(config: PredictConfig, segmenter=None) -> dict:
             results.append(FieldResult(**json.loads(cached.read_text())))
             n_cached += 1
         else:
-            result = _one_field(config, image_id, width, height, classifiers, segmenter)
+            result = _one_field(config, image_id, width, height, classifiers, segmenter, on_crops)
             if result.status != "error":  # errors are retried on the next run
                 with atomic_open(cached, "w") as f:
                     json.dump(asdict(result), f)
@@ -360,7 +346,7 @@ class _LazySegmenter:
         return self._segmenter.segment(image)
 
 
-def _one_field(config, image_id, width, height, classifiers, segmenter) -> FieldResult:
+def _one_field(config, image_id, width, height, classifiers, segmenter, on_crops=None) -> FieldResult:
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
@@ -387,7 +373,8 @@ def _one_field(config, image_id, width, height, classifiers, segmenter) -> Field
     seconds["segment"] = time.perf_counter() - t0
     if cells.max() == 0:
         return FieldResult(image_id, w, h, status="no_cells", seconds=seconds)
-    cell_ids, scores = predict_field(image, cells, classifiers, config.tta, config.image_weight, seconds)
+    hook = None if on_crops is None else (lambda spec, batch: on_crops(image_id, spec, batch))
+    cell_ids, scores = predict_field(image, cells, classifiers, config.tta, config.image_weight, seconds, hook)
     if len(cell_ids) == 0:
         return FieldResult(image_id, w, h, status="no_cells", seconds=seconds)
     t0 = time.perf_counter()

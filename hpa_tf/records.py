@@ -25,16 +25,15 @@ planes are swapped before writing and ``tf.io.decode_png(image, channels=4)`` re
 ``parse_example`` works eagerly and inside ``tf.data.Dataset.map``; it reads the encoding of
 each example (``tf.cond``), so PNG and JPEG records may be mixed.
 
-Shards are named ``fold{f}-{index:05d}-n{count}.tfrec`` (``shard_name``/``parse_shard_name``)
-and written uncompressed under a temporary name, renamed when complete (``write_shard``,
-``ShardWriter``).
+Shards are written uncompressed under a temporary name and renamed when complete
+(``write_shard``, ``ShardWriter``), under the names ``hpa_tf.shardset`` gives them
+(``fold{f}-{index:05d}-n{count}.tfrec``; that module owns the shard set's layout).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Iterable, Sequence
 
 import cv2
@@ -43,6 +42,7 @@ import tensorflow as tf
 
 from hpa_tf import fileutil
 from hpa_tf.labels import NUM_CLASSES, LabelError
+from hpa_tf.shardset import shard_name
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,6 @@ FEATURE_SPEC: dict[str, tf.io.FixedLenFeature | tf.io.VarLenFeature] = {
     "source": tf.io.FixedLenFeature([], tf.string, default_value=b""),
     "crop_size": tf.io.FixedLenFeature([], tf.int64),
 }
-
-_SHARD_RE = re.compile(r"^fold(-?\d+)-(\d{5,})-n(\d+)\.tfrec$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,22 +254,6 @@ def parse_example(
 # ---------------------------------------------------------------------------------------------
 # shards
 # ---------------------------------------------------------------------------------------------
-
-
-def shard_name(fold: int, index: int, count: int) -> str:
-    """``fold{fold}-{index:05d}-n{count}.tfrec``: the record count travels in the name."""
-    if index < 0 or count < 0:
-        raise ValueError(f"shard index and count must be >= 0, got {index}, {count}")
-    return f"fold{int(fold)}-{int(index):05d}-n{int(count)}.tfrec"
-
-
-def parse_shard_name(name: str | os.PathLike) -> tuple[int, int, int]:
-    """``(fold, index, count)`` from a shard file name or path; ValueError if it is not one."""
-    base = str(name).rstrip("/").rsplit("/", 1)[-1]
-    match = _SHARD_RE.match(base)
-    if not match:
-        raise ValueError(f"{name}: not a shard name of the form fold{{f}}-{{index:05d}}-n{{count}}.tfrec")
-    return int(match.group(1)), int(match.group(2)), int(match.group(3))
 
 
 def write_shard(path: str | os.PathLike, examples: Iterable[bytes]) -> int:

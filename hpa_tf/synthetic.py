@@ -572,8 +572,8 @@ def _image_id(seed: int, split: str, index: int) -> str:
 
 
 def _make_one(job: tuple) -> tuple[str, str, int, dict[int, list[int]], list[int]]:
-    out, split, index, image_id, seed, size, bit16, cell_dropout, weights = job
-    f = generate_field([seed, {"train": 0, "test": 1}[split], index], size=size, bit16=bit16,
+    out, split, index, image_id, seed, size, bit16, cell_dropout, weights, labels = job
+    f = generate_field([seed, {"train": 0, "test": 1}[split], index], size=size, labels=labels, bit16=bit16,
                        cell_dropout=cell_dropout, weights=weights)
     folder = Path(out) / split
     for k, ch in enumerate(("red", "green", "blue", "yellow")):
@@ -595,6 +595,7 @@ def write_dataset(
     weights: str | Sequence[float] = "default",
     workers: int = 1,
     progress: bool = False,
+    field_labels: Sequence[Sequence[int]] | None = None,
 ) -> dict:
     """Write a synthetic dataset in the Kaggle layout, with its truth.
 
@@ -605,7 +606,8 @@ def write_dataset(
 
     ``size`` may be a list: each image then draws its side from it (like the competition's mix of
     1728, 2048 and 3072 px). ``bit16_test`` writes the test split as 16-bit PNG, as the hidden test
-    set is. Returns a summary dict.
+    set is. ``field_labels`` fixes the classes of the training fields (field ``i`` gets
+    ``field_labels[i % len(field_labels)]``) instead of drawing them. Returns a summary dict.
     """
     out = Path(out)
     for sub in ("train", "test", "masks"):
@@ -616,8 +618,9 @@ def write_dataset(
     for split, n in (("train", n_train), ("test", n_test)):
         for i in range(n):
             s = sizes[int(size_rng.integers(len(sizes)))]
+            labels = field_labels[i % len(field_labels)] if field_labels and split == "train" else None
             jobs.append((str(out), split, i, _image_id(seed, split, i), seed, s,
-                         bit16_test and split == "test", cell_dropout, weights))
+                         bit16_test and split == "test", cell_dropout, weights, labels))
     t0 = time.perf_counter()
     results = []
     bar = None

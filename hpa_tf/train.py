@@ -1,11 +1,13 @@
 """Training: one linear ``train(config)`` (strategy → data → model → callbacks → fit), resumable.
 
-``train_tpu.py`` is its command line. The sections, top to bottom:
+``hpa_tf.cli.train`` is its command line (``train_tpu.py``, ``hpa-tf-train``), with one flag per
+``hpa_tf.config.TrainConfig`` setting. The sections, top to bottom:
 
 strategy   ``hpa_tf.distribute``: TPU / GPUs / CPU, mixed-precision policy, global batch =
            per-replica batch × replicas (``tf.data`` yields global batches; Keras splits them).
-input      ``hpa_tf.data``: shards of the training folds and the held-out fold, counted from the
-           manifest; steps per epoch = training examples // global batch unless given. By default
+input      ``hpa_tf.shardset``: shards of the training folds and the held-out fold, counted from the
+           manifest, and the shard set's crop spec (``build_config.json``); ``hpa_tf.data``: the
+           pipeline; steps per epoch = training examples // global batch unless given. By default
            (``augment_on="device"``) the flips/rotations/intensity jitter run on the accelerator in
            the training step (``hpa_tf.augment.RandomAugment`` after the model input) and tf.data
            only decodes, resizes and batches; ``augment_on="host"`` does them in tf.data.
@@ -14,10 +16,12 @@ model      built (``hpa_tf.model.build_model``, or ``hpa_tf.backbones`` for ``ti
            (``CosineDecay(warmup_target=…)``), ``BinaryFocalCrossentropy``, multi-label AUC and
            macro F1 as weighted metrics (padded validation rows carry weight 0).
 callbacks  non-finite loss → ``NonFiniteLossError`` (before anything is saved); per-class average
-           precision over every validation example (``val_map``, ``val_macro_auc``, ``val_ap.csv``);
-           ``last.keras`` + ``state.json`` every epoch and ``best.keras`` on improvement (atomic
-           writes), each with its ``.json`` and a ``model.json`` that tells the predictor how the
-           model was trained; ``log.csv``; TensorBoard under ``tensorboard/``.
+           precision over every validation example, by the competition's definition
+           (``validation_ap``: ``val_map``; also ``val_macro_auc``, ``val_ap.csv``); ``last.keras`` +
+           ``state.json`` every epoch and ``best.keras`` on improvement (atomic writes), each with
+           its ``.json`` and a ``model.json`` (``hpa_tf.model.model_config``, the one writer: the
+           crop spec the pipeline used, channels, normalisation, training) that tells the predictor
+           how the model was trained; ``log.csv``; TensorBoard under ``tensorboard/``.
 resume     ``resume=True`` rebuilds the model, loads ``last.keras`` (weights AND optimizer slots and
            step count) and continues at the epoch after the last completed one.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib.util
+import io
 import json
 import logging
 import math
@@ -39,76 +44,29 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from hpa_tf import augment as hpa_augment
 from hpa_tf import data as hpa_data
-from hpa_tf import distribute, fileutil
+from hpa_tf import distribute, fileutil, shardset
 from hpa_tf import model as hpa_model
 from hpa_tf.backbones import build_classifier, is_tiny
+from hpa_tf.balance import repeat_factors
+from hpa_tf.config import AugmentConfig, TrainConfig
 from hpa_tf.labels import CLASS_NAMES, NUM_CLASSES, SHORT_NAMES
+from hpa_tf.metric import average_precision as competition_ap
 
 log = logging.getLogger(__name__)
 
-LETTER_NAMES: dict[str, str] = {"r": "red", "g": "green", "b": "blue", "y": "yellow"}
 STATE_NAME = "state.json"
 LAST_NAME = "last.keras"
 BEST_NAME = "best.keras"
 MODEL_JSON = "model.json"
 
 
+#: ``TrainConfig.jit_compile`` → Keras' ``compile(jit_compile=...)``.
+JIT_COMPILE: dict[str, bool | str] = {"auto": "auto", "on": True, "off": False}
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (``train_tpu.py`` flags map one to one).
-
-    Sizes are in pixels; ``batch_size`` is PER REPLICA; ``lr`` is the peak learning rate reached
-    after ``warmup_epochs`` and decayed by a cosine to ``lr × min_lr_fraction`` at the last step.
-    ``augment_on``: ``"device"`` runs flips/rotations/intensity jitter inside the training step
-    (``hpa_tf.augment.RandomAugment`` after the model input; the host only decodes, resizes and
-    batches, plus the ``scale_augment`` crop, which changes sizes); ``"host"`` runs them in tf.data.
-    """
-
-    data: str | Sequence[str]
-    out: str
-    manifest: str | None = None
-    val_fold: int | None = 0
-    train_folds: Sequence[int] | None = None
-    backbone: str = "efficientnet_b0"
-    image_size: int = 256
-    channels: str = "rgby"
-    batch_size: int = 32
-    epochs: int = 10
-    steps_per_epoch: int | None = None
-    lr: float = 1e-3
-    warmup_epochs: float = 1.0
-    min_lr_fraction: float = 0.01
-    weight_decay: float = 1e-5
-    weights: str | None = None
-    dropout: float = 0.2
-    focal_gamma: float = 2.0
-    focal_alpha: float | None = None
-    label_smoothing: float = 0.0
-    augment: bool = True
-    augment_on: str = "device"
-    scale_augment: tuple[float, float] | None = None
-    brightness: float = 0.05
-    contrast: float = 0.1
-    balance: bool = False
-    balance_threshold: float = 0.05
-    shuffle_buffer: int = 1024
-    steps_per_execution: int = 1
-    mixed_precision: bool | str = False
-    strategy: str = "auto"
-    tpu: str | None = None
-    devices: Sequence[str] | None = None
-    jit_compile: bool | str = "auto"
-    resume: bool = False
-    seed: int = 0
-    monitor: str = "val_map"
-    tensorboard: bool = True
-    verbose: int | str = "auto"
 
 
 @dataclass
@@ -137,17 +95,16 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def average_precision(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
-    """(C,) per-class average precision (sklearn's step-wise AP) of (N, C) 0/1 labels and (N, C)
-    scores; NaN for a class with no positive example."""
-    from sklearn.metrics import average_precision_score
-
+def validation_ap(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
+    """(C,) per-class average precision of (N, C) 0/1 labels and (N, C) scores, by the competition's
+    definition (``hpa_tf.metric.average_precision``: detections pooled and ranked by score, AP = the
+    all-point VOC area under the precision envelope); every example counts as one detection of
+    every class. NaN for a class with no positive example."""
     y_true = np.asarray(y_true) > 0.5
     y_score = np.asarray(y_score, dtype=np.float64)
     out = np.full(y_true.shape[1], np.nan)
     for c in range(y_true.shape[1]):
-        if y_true[:, c].any():
-            out[c] = average_precision_score(y_true[:, c], y_score[:, c])
+        out[c] = competition_ap(y_score[:, c], y_true[:, c], int(y_true[:, c].sum()))
     return out
 
 
@@ -198,7 +155,8 @@ def _images_only(images: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> tf
 
 
 class ValidationAP(keras.callbacks.Callback):
-    """At each epoch end, predict EVERY validation example and log per-class average precision.
+    """At each epoch end, predict EVERY validation example and log per-class average precision
+    (``validation_ap``: the competition's AP over cell crops, without masks).
 
     Adds ``val_map`` (mean AP over classes with a positive) and ``val_macro_auc`` (mean ROC AUC over
     classes with both kinds) to the epoch logs (callbacks after this one see them), appends a row to
@@ -222,7 +180,7 @@ class ValidationAP(keras.callbacks.Callback):
         if len(scores) < n:
             raise RuntimeError(f"validation predicted {len(scores)} rows for {n} examples")
         scores = scores[:n]  # the rest is padding of the last batch
-        ap = average_precision(self.labels, scores)
+        ap = validation_ap(self.labels, scores)
         auc = per_class_auc(self.labels, scores)
         return {"val_map": _nanmean(ap), "val_macro_auc": _nanmean(auc), "ap": ap, "auc": auc, "scores": scores}
 
@@ -244,30 +202,33 @@ class ValidationAP(keras.callbacks.Callback):
         csv_path = fileutil.join(self.out, "val_ap.csv")
         header = ["epoch", "val_map", "val_macro_auc", *SHORT_NAMES]
         rows: list[list[str]] = []
-        if tf.io.gfile.exists(csv_path):
-            with tf.io.gfile.GFile(csv_path, "r") as f:
-                rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) < epoch]  # drop re-done epochs
+        if fileutil.exists(csv_path):
+            text = fileutil.read_text(csv_path)
+            rows = [r for r in list(csv.reader(io.StringIO(text)))[1:] if r and int(r[0]) < epoch]  # drop re-done epochs
         rows.append([str(epoch), f"{result['val_map']:.6f}", f"{result['val_macro_auc']:.6f}",
                      *("" if not np.isfinite(v) else f"{v:.6f}" for v in result["ap"])])
         with fileutil.atomic_open(csv_path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(header)
             writer.writerows(rows)
-        with fileutil.atomic_open(fileutil.join(self.out, "val_ap.json"), "w") as f:
-            json.dump(self.last, f, indent=2)
+        fileutil.write_json(fileutil.join(self.out, "val_ap.json"), self.last, indent=2)
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
     """At each epoch end: ``last.keras`` (with optimizer state) + ``last.json``, then ``state.json``
     (the completed epoch count; written last, so it never points past a saved model); on improvement
     of ``monitor``, ``best.keras`` + ``best.json``; ``model.json`` = the best model's description
-    (the last one's while nothing has been monitored). All writes are atomic (temp name + rename)."""
+    (the last one's while nothing has been monitored). All writes are atomic (temp name + rename).
+
+    ``describe(epoch, logs)`` gives the keyword arguments of ``hpa_tf.model.model_config`` (crop,
+    channels, training details): every description is written by that one function.
+    """
 
     def __init__(self, out: str, describe: Any, monitor: str | None, best: float | None = None,
                  extra_state: dict | None = None) -> None:
         super().__init__()
         self.out = out
-        self.describe = describe  # (epoch, logs) -> model.json dict
+        self.describe = describe  # (epoch, logs) -> model_config keyword arguments
         self.monitor = monitor
         self.mode = "min" if monitor and "loss" in monitor else "max"
         self.best = best
@@ -282,21 +243,19 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = dict(logs or {})
-        config = self.describe(epoch + 1, logs)
-        hpa_model.save_model(self.model, fileutil.join(self.out, LAST_NAME), config=config)
+        details = self.describe(epoch + 1, logs)
+        hpa_model.save_model(self.model, fileutil.join(self.out, LAST_NAME), **details)
         value = float(logs[self.monitor]) if self.monitor and self.monitor in logs else None
         improved = value is not None and self._improved(value)
         if improved:
             self.best = value
-            hpa_model.save_model(self.model, fileutil.join(self.out, BEST_NAME), config=config)
+            hpa_model.save_model(self.model, fileutil.join(self.out, BEST_NAME), **details)
             log.info("epoch %d: %s improved to %.4f, saved %s", epoch + 1, self.monitor, value, BEST_NAME)
         if improved or self.best is None:
-            with fileutil.atomic_open(fileutil.join(self.out, MODEL_JSON), "w") as f:
-                json.dump(config, f, indent=2)
+            hpa_model.write_config(fileutil.join(self.out, MODEL_JSON), hpa_model.model_config(self.model, **details))
         state = {**self.extra_state, "epoch": epoch + 1, "monitor": self.monitor, "best": self.best,
                  "logs": {k: _jsonable(v) for k, v in logs.items()}, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        with fileutil.atomic_open(fileutil.join(self.out, STATE_NAME), "w") as f:
-            json.dump(state, f, indent=2)
+        fileutil.write_json(fileutil.join(self.out, STATE_NAME), state, indent=2)
 
 
 def _jsonable(value: Any) -> Any:
@@ -315,10 +274,7 @@ def _jsonable(value: Any) -> Any:
 def read_state(out: str) -> dict | None:
     """``state.json`` of a run folder (None when absent)."""
     path = fileutil.join(out, STATE_NAME)
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path, "r") as f:
-        return json.load(f)
+    return fileutil.read_json(path) if fileutil.exists(path) else None
 
 
 def make_schedule(lr: float, total_steps: int, warmup_steps: int, min_lr_fraction: float) -> keras.optimizers.schedules.LearningRateSchedule:
@@ -340,22 +296,23 @@ def channel_normalization(backbone: str, channels: str) -> dict[str, Any]:
     return {**full, "mean": [full["mean"][i] for i in idx], "std": [full["std"][i] for i in idx]}
 
 
-def host_augmentation(config: TrainConfig) -> tuple[hpa_data.AugmentConfig, dict[str, Any] | None]:
-    """(tf.data augmentation, on-device augment settings for the model or None) for ``config``.
+def host_augmentation(config: TrainConfig) -> tuple[AugmentConfig | None, dict[str, Any] | None]:
+    """(tf.data augmentation or None, on-device augment settings for the model or None) for ``config``.
 
     ``augment_on="device"``: the host keeps only the ``scale_augment`` crop and the model gets flips,
     90° rotations and ``brightness``/``contrast`` (seeded from ``config.seed``); ``"host"``: all in tf.data.
     """
     if config.augment_on not in ("device", "host"):
         raise ValueError(f"augment_on must be 'device' or 'host', got {config.augment_on!r}")
-    scale = tuple(config.scale_augment) if config.scale_augment and config.augment else None
     if not config.augment:
-        return hpa_data.AugmentConfig(flip=False, rotate90=False, brightness=0.0, contrast=0.0), None
+        return None, None
+    scale = tuple(config.scale_augment) if config.scale_augment else None
     if config.augment_on == "host":
-        return hpa_data.AugmentConfig(brightness=config.brightness, contrast=config.contrast, scale=scale), None
+        return AugmentConfig(brightness=config.brightness, contrast=config.contrast, scale=scale), None
     device = {"flip": True, "rotate90": True, "brightness": float(config.brightness),
               "contrast": float(config.contrast), "seed": int(config.seed)}
-    return hpa_data.AugmentConfig(flip=False, rotate90=False, brightness=0.0, contrast=0.0, scale=scale), device
+    host = AugmentConfig(flip=False, rotate90=False, brightness=0.0, contrast=0.0, scale=scale) if scale else None
+    return host, device
 
 
 def compile_model(model: keras.Model, config: TrainConfig, total_steps: int, warmup_steps: int) -> None:
@@ -377,35 +334,15 @@ def compile_model(model: keras.Model, config: TrainConfig, total_steps: int, war
             keras.metrics.F1Score(average="macro", threshold=0.5, name="f1"),
         ],
         steps_per_execution=int(config.steps_per_execution),
-        jit_compile=config.jit_compile,
+        jit_compile=JIT_COMPILE[config.jit_compile],
     )
 
 
-def _model_description(model: keras.Model, config: TrainConfig, split: hpa_data.FoldSplit, policy: str,
-                       strategy_info: dict, global_batch: int, steps_per_epoch: int) -> Any:
-    """A function (epoch, logs) → model.json dict: how the model was built, fed and trained."""
-    channel_names = [LETTER_NAMES[c] for c in config.channels.lower()]
-    if is_tiny(config.backbone):
-        _, size, _, chans = model.input_shape
-        base = {
-            "format": hpa_model.CONFIG_FORMAT, "format_version": hpa_model.CONFIG_VERSION,
-            "backbone": config.backbone.lower(), "image_size": int(size), "channels": int(chans),
-            "channel_names": channel_names, "input": {"dtype": "float32", "range": [0, 255], "layout": "NHWC"},
-            "normalization": hpa_model.get_normalization(model),
-            "augment": hpa_augment.model_augment_settings(model), "num_classes": NUM_CLASSES,
-            "class_names": list(CLASS_NAMES), "activation": "sigmoid", "keras_version": keras.__version__,
-        }
-    else:
-        base = hpa_model.model_config(model, channel_names=channel_names)
-    build = split.build_config or {}
-    base.update({
-        "channel_letters": config.channels.lower(),
-        "crop_size": split.crop_size or build.get("crop_size"),
-        "crop_margin": build.get("crop_margin", build.get("margin")),
-        "mask_neighbors": build.get("mask_neighbors"),
-        "encoding": build.get("encoding"),
-        "build_config": build or None,
-    })
+def _model_description(config: TrainConfig, split: shardset.FoldSplit, policy: str, strategy_info: dict,
+                       global_batch: int, steps_per_epoch: int) -> Any:
+    """A function (epoch, logs) → keyword arguments of ``hpa_tf.model.model_config``: the crop spec the
+    pipeline used (``split.crop``), the channel letters, and how the model was trained."""
+    shard_set = {"folder": split.data_dir, "build_config": split.build_config}
     training = {
         "data": config.data if isinstance(config.data, str) else list(config.data),
         "train_folds": split.train_folds, "val_folds": split.val_folds, "n_train": split.n_train, "n_val": split.n_val,
@@ -413,13 +350,14 @@ def _model_description(model: keras.Model, config: TrainConfig, split: hpa_data.
         "global_batch": global_batch, "lr": config.lr, "warmup_epochs": config.warmup_epochs,
         "weight_decay": config.weight_decay, "weights": config.weights, "dropout": config.dropout,
         "focal_gamma": config.focal_gamma, "focal_alpha": config.focal_alpha, "balance": config.balance,
-        "augment": config.augment, "augment_on": config.augment_on, "scale_augment": config.scale_augment, "seed": config.seed,
-        "dtype_policy": policy, **strategy_info,
+        "augment": config.augment, "augment_on": config.augment_on, "scale_augment": config.scale_augment,
+        "seed": config.seed, "dtype_policy": policy, **strategy_info,
     }
 
     def describe(epoch: int, logs: dict) -> dict:
         val = {k: _jsonable(v) for k, v in logs.items() if k.startswith("val_")}
-        return {**base, "training": {**training, "epoch": epoch}, "val_metrics": val,
+        return {"crop": split.crop, "channels": config.channels.lower(), "shard_set": shard_set,
+                "training": {**training, "epoch": epoch}, "val_metrics": val,
                 "train_metrics": {k: _jsonable(v) for k, v in logs.items() if not k.startswith("val_")}}
 
     return describe
@@ -440,7 +378,8 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
 
     Raises
     ------
-    hpa_tf.data.DataError : unusable input (no shards, empty fold, manifest mismatch, too few examples).
+    hpa_tf.shardset.DataError : unusable input (no shards, empty fold, manifest mismatch, no build config,
+        too few examples).
     NonFiniteLossError : the loss became NaN/inf.
     """
     out = str(config.out)
@@ -457,32 +396,32 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
 
     # ---- input ---------------------------------------------------------------------------------
     hpa_data.channel_indices(config.channels)
-    split = hpa_data.split_folds(config.data, config.val_fold, manifest=config.manifest, train_folds=config.train_folds)
-    crop_size = split.crop_size or hpa_data.peek_crop_size(split.train_shards[0])
+    split = shardset.split_folds(config.data, config.val_fold, manifest=config.manifest, train_folds=config.train_folds)
     steps_per_epoch = int(config.steps_per_epoch or split.n_train // global_batch)
     if steps_per_epoch < 1:
-        raise hpa_data.DataError(
+        raise shardset.DataError(
             f"{split.data_dir}: {split.n_train} training examples make no full global batch of {global_batch} "
             f"({config.batch_size} per replica × {replicas} replicas): lower --batch-size or add data"
         )
     balance = None
     if config.balance:
         if split.manifest is None:
-            raise hpa_data.DataError(f"{split.data_dir}: --balance needs manifest.csv (class counts of the training folds)")
-        balance = hpa_data.repeat_factors(split.class_counts, split.n_train, config.balance_threshold)
+            raise shardset.DataError(f"{split.data_dir}: --balance needs manifest.csv (class counts of the training folds)")
+        balance = repeat_factors(split.class_counts, split.n_train, config.balance_threshold)
         log.info("class balance: repeat factors %s", dict(zip(SHORT_NAMES, np.round(balance, 2).tolist())))
     augment, model_augment = host_augmentation(config)
-    train_ds = hpa_data.make_dataset(
-        split.train_shards, global_batch, config.image_size, config.channels, training=True, augment=augment,
-        balance=balance, shuffle_buffer=config.shuffle_buffer, seed=config.seed, crop_size=crop_size,
-    )
+    # the crops' size is the shard set's crop spec, the same object model.json records (describe below)
+    inputs = hpa_data.InputConfig(crop_size=split.crop.size, image_size=config.image_size, batch_size=global_batch,
+                                  channels=config.channels, augment=augment,
+                                  balance=None if balance is None else tuple(balance.tolist()),
+                                  shuffle_buffer=config.shuffle_buffer, seed=config.seed)
+    train_ds = hpa_data.make_dataset(split.train_shards, inputs, training=True)
     val_ds = val_labels = None
     if split.val_shards:
-        val_ds = hpa_data.make_dataset(split.val_shards, global_batch, config.image_size, config.channels,
-                                       training=False, crop_size=crop_size, n_examples=split.n_val)
+        val_ds = hpa_data.make_dataset(split.val_shards, inputs, training=False, n_examples=split.n_val)
         val_labels = hpa_data.eval_labels(split.val_shards)
         if len(val_labels) != split.n_val:
-            raise hpa_data.DataError(f"{split.data_dir}: validation shards hold {len(val_labels)} records, "
+            raise shardset.DataError(f"{split.data_dir}: validation shards hold {len(val_labels)} records, "
                                      f"the manifest says {split.n_val}")
     val_steps = hpa_data.steps_for(split.n_val, global_batch, drop_remainder=False)
     log.info("strategy %s: %d replica(s) %s; dtype policy %s", info["strategy"], replicas, info["devices"], policy)
@@ -494,7 +433,7 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
     state = read_state(out) if config.resume else None
     last_path = fileutil.join(out, LAST_NAME)
     initial_epoch = 0
-    if config.resume and state is not None and not tf.io.gfile.exists(last_path):
+    if config.resume and state is not None and not fileutil.exists(last_path):
         raise FileNotFoundError(f"{out}: {STATE_NAME} exists but {LAST_NAME} does not; cannot resume")
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
@@ -513,12 +452,11 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
                      int(model.optimizer.iterations.numpy()))
         elif config.resume:
             log.info("--resume: no %s in %s, starting from epoch 0", STATE_NAME, out)
-    with fileutil.atomic_open(fileutil.join(out, "train_config.json"), "w") as f:
-        json.dump({k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
-                  f, indent=2, default=str)
+    fileutil.write_json(fileutil.join(out, "train_config.json"),
+                        json.loads(json.dumps(dataclasses.asdict(config), default=str)), indent=2)
 
     # ---- callbacks -----------------------------------------------------------------------------
-    describe = _model_description(model, config, split, policy, info, global_batch, steps_per_epoch)
+    describe = _model_description(config, split, policy, info, global_batch, steps_per_epoch)
     monitor = config.monitor if val_ds is not None else "loss"
     # order matters: the guard raises before anything is saved; ValidationAP adds val_map to the
     # logs that the checkpoint and the CSV logger then see
@@ -548,7 +486,7 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
         history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
     best_path = fileutil.join(out, BEST_NAME)
     return TrainResult(
-        out=out, last_path=last_path, best_path=best_path if tf.io.gfile.exists(best_path) else None,
+        out=out, last_path=last_path, best_path=best_path if fileutil.exists(best_path) else None,
         initial_epoch=initial_epoch, epochs_completed=initial_epoch + len(history.get("loss", [])),
         history=history, replicas=replicas, global_batch=global_batch, steps_per_epoch=steps_per_epoch,
         n_train=split.n_train, n_val=split.n_val, best_value=checkpoint.best, monitor=monitor,

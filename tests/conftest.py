@@ -1,4 +1,5 @@
-"""Shared test set-up: quiet TensorFlow, two logical CPU devices for MirroredStrategy tests."""
+"""Shared test set-up: quiet TensorFlow, two logical CPU devices for MirroredStrategy tests, and one
+shard set built by the TFRecord builder from synthetic fields (what the training tests train on)."""
 
 import os
 from pathlib import Path
@@ -17,6 +18,28 @@ def shared_data_dir() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not present")
     return SHARED_DATA
+
+
+#: Classes of the fields of the shared shard set: five classes with distinct green patterns, each in
+#: several fields of every fold, and Aggresome (15) in one field only (the rare class of the balance test).
+SHARD_FIELD_LABELS = [[0], [2], [13], [14], [16]] * 4 + [[0], [2], [15], [14]]
+SHARD_CROP = 64
+
+
+@pytest.fixture(scope="session")
+def shard_set(tmp_path_factory) -> str:
+    """A shard set made by ``tfrecord_builder.build`` (true masks) from 24 synthetic 384 px fields:
+    4 folds, 64 px crops, every cell carrying its field's classes (no cell dropout). Read-only: tests
+    that damage it work on a copy."""
+    from hpa_tf.crops import CropSpec
+    from tfrecord_builder import build_synthetic
+
+    root = tmp_path_factory.mktemp("shard_set")
+    result = build_synthetic(root / "data", root / "shards", n_fields=len(SHARD_FIELD_LABELS), field_size=384,
+                             crop=CropSpec(size=SHARD_CROP), folds=4, seed=1, field_labels=SHARD_FIELD_LABELS,
+                             cell_dropout=0.0, images_per_shard=3)
+    assert result.complete and result.cells > 500, result.line()
+    return str(root / "shards")
 
 
 def pytest_configure(config):

@@ -163,9 +163,9 @@ def test_saved_model_loads_and_predicts_identically(tmp_path):
     model = build_tiny_cnn(image_size=32, channels=4, augment=settings)
     x = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 4)).astype(np.float32)
     before = model.predict(x, verbose=0)
-    config = model_config({"backbone": "efficientnet_b0", "image_size": 32, "channels": 4, "augment": settings})
-    assert config["augment"] == settings
-    save_model(model, tmp_path / "m.keras", config={**config, "backbone": "tiny_cnn"})
+    config = model_config(model)
+    assert config["augment"] == settings and config["backbone"] == "tiny_cnn"
+    save_model(model, tmp_path / "m.keras")
     loaded, cfg = load_model(tmp_path / "m.keras")
     assert isinstance(loaded.get_layer("augment"), RandomAugment)
     assert loaded.get_layer("augment").get_config()["contrast"] == 0.1
@@ -186,3 +186,20 @@ def test_bad_settings_are_clear_errors():
         RandomAugment(brightness=1.5)
     with pytest.raises(ValueError, match="square"):
         RandomAugment()(keras.Input((8, 12, 3)))
+
+
+def test_one_dihedral_implementation_serves_the_host_and_the_device():
+    """``dihedral`` with a static index (tf.data, per example) and with per-example indices (the
+    layer, per batch) gives the same 8 distinct symmetries, with the documented bit meanings."""
+    from hpa_tf.augment import dihedral
+
+    image = _image()
+    refs = _d4_set(image)
+    singles = [dihedral(tf.constant(image), i).numpy() for i in range(8)]
+    assert sorted(_which(o, refs) for o in singles) == list(range(8))
+    np.testing.assert_array_equal(singles[1], image[:, ::-1])  # bit 1: left-right
+    np.testing.assert_array_equal(singles[2], image[::-1])  # bit 2: up-down
+    np.testing.assert_array_equal(singles[4], np.transpose(image, (1, 0, 2)))  # bit 4: transpose
+    batched = dihedral(tf.constant(np.repeat(image[None], 8, axis=0)), tf.range(8), spatial_axes=(1, 2)).numpy()
+    for i in range(8):
+        np.testing.assert_array_equal(batched[i], singles[i])

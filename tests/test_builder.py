@@ -11,18 +11,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hpa_tf.crops import cell_crops
+from hpa_tf.crops import CropSpec, cell_crops
 from hpa_tf.folds import read_folds_csv
 from hpa_tf.io import read_label_image, read_labels, read_rgby
 from hpa_tf.labels import NUM_CLASSES, LabelError
-from hpa_tf.records import parse_example, parse_shard_name
+from hpa_tf.records import parse_example
+from hpa_tf.shardset import MANIFEST_COLUMNS, parse_shard_name, read_crop_spec
 from hpa_tf.synthetic import write_dataset
 from tfrecord_builder import (
-    MANIFEST_COLUMNS,
     BuildError,
     BuildOptions,
     ConfigMismatchError,
     build,
+    encode_field,
     estimate_images_per_shard,
     plan_shards,
     verify,
@@ -40,8 +41,8 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def _options(dataset: Path, out: Path, **kw) -> BuildOptions:
-    args = dict(data_dir=str(dataset / "train"), labels=str(dataset / "train.csv"), out=str(out), crop_size=CROP,
-                masks_dir=str(dataset / "masks"), images_per_shard=2, folds=2, seed=0)
+    args = dict(data_dir=str(dataset / "train"), labels=str(dataset / "train.csv"), out=str(out),
+                crop=CropSpec(size=CROP), masks_dir=str(dataset / "masks"), images_per_shard=2, folds=2, seed=0)
     args.update(kw)
     return BuildOptions(**args)
 
@@ -136,10 +137,32 @@ def test_build_writes_shards_that_match_manifest_crops_and_folds(dataset, clean_
         assert summary["per_fold"][str(fold)]["cells"] == sum(int(r["fold"]) == fold for r in rows)
     assert per_class[:, 0].sum() == sum(len(r["labels"].split("|")) for r in rows if r["fold"] == "0")
     assert summary["bytes"] == sum((out / n).stat().st_size for n in shards)
-    config = json.loads((out / "build_config.json").read_text())  # flat: what the trainer reads
-    assert (config["crop_size"], config["encoding"], config["mask_neighbors"], config["folds"]) == (CROP, "png", False, 2)
+    config = json.loads((out / "build_config.json").read_text())
+    assert (config["encoding"], config["folds"]) == ("png", 2)
+    assert read_crop_spec(str(out)) == CropSpec(size=CROP) and config["crop"] == CropSpec(size=CROP).to_dict()
     assert config["segmenter"] == "masks" and len(config["labels_sha256"]) == 64 and "workers" in config["run"]
     assert verify(str(out)).ok
+
+
+def test_encode_field_is_the_unit_of_work_and_pickles(dataset, clean_build):
+    """The per-field function gives exactly the records and manifest rows of the build, from plain
+    (picklable) inputs, with no segmenter when saved masks are used."""
+    import pickle
+
+    rows = _manifest(clean_build)
+    first = rows[0]
+    options = _options(dataset, clean_build)
+    labels = read_labels(dataset / "train.csv")[first["image_id"]]
+    result = encode_field(first["image_id"], labels, int(first["fold"]), options)
+    again = pickle.loads(pickle.dumps((first["image_id"], labels, int(first["fold"]), options, result)))
+    assert again[4] == result and again[3] == options
+    assert result.skip is None and len(result.examples) == len(result.rows)
+    placed = [[str(v) for v in row] for row in result.manifest_rows(first["shard"], 0)]
+    assert placed == [list(r.values()) for r in rows[: len(placed)]]
+    records = [r.numpy() for r in tf.data.TFRecordDataset(str(clean_build / first["shard"])).take(len(placed))]
+    assert list(result.examples) == records  # byte-identical to what the build wrote
+    missing = encode_field("absent-id", [0], 0, options)
+    assert missing.examples == () and missing.skip[0] == "not in data dir"
 
 
 def test_two_workers_write_the_same_bytes_as_one(dataset, clean_build, tmp_path):
@@ -183,10 +206,12 @@ def test_stopped_build_is_incomplete_then_finishes_identically(dataset, clean_bu
 
 def test_changed_arguments_on_an_existing_output_are_refused(dataset, clean_build):
     before = _snapshot(clean_build)
-    with pytest.raises(ConfigMismatchError, match=r"crop_size: 64 there, 96 now"):
-        build(_options(dataset, clean_build, crop_size=96))
-    with pytest.raises(ConfigMismatchError, match="mask_neighbors"):
-        build(_options(dataset, clean_build, mask_neighbors=True))
+    with pytest.raises(ConfigMismatchError, match=r"crop.size: 64 there, 96 now"):
+        build(_options(dataset, clean_build, crop=CropSpec(size=96)))
+    with pytest.raises(ConfigMismatchError, match="crop.mask_neighbors: False there, True now"):
+        build(_options(dataset, clean_build, crop=CropSpec(size=CROP, mask_neighbors=True)))
+    with pytest.raises(ConfigMismatchError, match="crop.margin: 0.1 there, 0.0 now"):
+        build(_options(dataset, clean_build, crop=CropSpec(size=CROP, margin=0.0)))
     assert _snapshot(clean_build) == before
 
 
@@ -200,7 +225,7 @@ def test_a_folder_with_foreign_shards_is_refused(dataset, tmp_path):
 
 def test_limit_builds_the_first_ids_with_folds_over_all(dataset, tmp_path):
     out = tmp_path / "limit"
-    result = build(_options(dataset, out, limit=3, encoding="jpeg", mask_neighbors=True))
+    result = build(_options(dataset, out, limit=3, encoding="jpeg", crop=CropSpec(size=CROP, mask_neighbors=True)))
     ids = sorted(read_labels(dataset / "train.csv"))
     assert {r["image_id"] for r in _manifest(out)} == set(ids[:3])
     assert set(read_folds_csv(out / "folds.csv")) == set(ids)
@@ -278,6 +303,7 @@ def test_cli_help_for_build_and_verify(capsys):
         assert e.value.code == 0
     text = capsys.readouterr().out
     assert "--shard-mb" in text and "--masks-dir" in text and "records decoded per shard" in text
+    assert "--margin MARGIN" in text and "(default 0.1)" in text
 
 
 # ---------------------------------------------------------------------------------------------

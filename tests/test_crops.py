@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from hpa_tf.crops import CellCrops, cell_crops, crop_window, find_cells, iter_cell_crops
+from hpa_tf.crops import (
+    CellCrops,
+    CropSpec,
+    CropSpecError,
+    cell_crops,
+    crop_window,
+    find_cells,
+    iter_cell_crops,
+)
 
 
 def _field(h: int = 120, w: int = 160, channels: int = 4):
@@ -170,3 +178,47 @@ def test_deterministic_and_fast_on_a_2048_field():
     assert elapsed < 2.0, f"{elapsed:.2f} s for 50 crops of a 2048² field"  # ~0.2 s on one free core
     again = cell_crops(image, cells, size=512, cell_ids=out.cell_ids[:3])
     np.testing.assert_array_equal(again.crops, out.crops[:3])
+
+
+# ---------------------------------------------------------------------------------------------
+# the crop spec
+# ---------------------------------------------------------------------------------------------
+
+
+def test_crop_spec_round_trips_and_crops_with_its_own_settings():
+    import doctest
+    import json
+
+    import hpa_tf.crops
+
+    assert doctest.testmod(hpa_tf.crops).failed == 0
+    spec = CropSpec(size=48, margin=0.0, mask_neighbors=True)
+    assert CropSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert hash(CropSpec.from_dict(spec.to_dict())) == hash(spec)  # usable as a dict key
+    assert spec.to_dict() == {"kind": "cell", "size": 48, "margin": 0.0, "mask_neighbors": True}
+    image, cells = _field()
+    by_spec = spec.crop(image, cells)
+    direct = cell_crops(image, cells, size=48, margin=0.0, mask_neighbors=True)
+    np.testing.assert_array_equal(by_spec.crops, direct.crops)
+    np.testing.assert_array_equal(np.concatenate([b.crops for b in spec.iter_crops(image, cells, batch_size=2)]),
+                                  direct.crops)
+    assert not np.array_equal(CropSpec(size=48).crop(image, cells).crops, direct.crops)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"kind": "cell", "size": 64, "margin": 0.1}, r"lacks key\(s\) \['mask_neighbors'\]"),
+        ({"kind": "cell", "size": 64, "margin": 0.1, "mask_neighbors": False, "pad": 0}, r"unknown key\(s\) \['pad'\]"),
+        ({"kind": "field", "size": 64, "margin": 0.1, "mask_neighbors": False}, "kind must be one of"),
+        ({"kind": "cell", "size": 0, "margin": 0.1, "mask_neighbors": False}, "size must be"),
+        ({"kind": "cell", "size": 64, "margin": -0.1, "mask_neighbors": False}, "margin must be"),
+        ({"kind": "cell", "size": 64, "margin": None, "mask_neighbors": False}, "margin must be"),
+        ({"kind": "cell", "size": 64, "margin": 0.1, "mask_neighbors": 0}, "mask_neighbors must be"),
+        ([64, 0.1], "must be a JSON object"),
+    ],
+)
+def test_crop_spec_refuses_incomplete_or_unknown_settings(data, message):
+    with pytest.raises(CropSpecError, match=message) as err:
+        CropSpec.from_dict(data, where="x/model.json")
+    assert str(err.value).startswith("x/model.json")

@@ -72,8 +72,26 @@ def test_gpu_without_gpu_and_unknown_kind_raise():
         D.get_strategy("quantum")
 
 
-def test_enable_memory_growth_is_safe_on_cpu():
-    assert D.enable_memory_growth() == 0
+def test_enable_memory_growth_sets_every_gpu_and_survives_initialised_ones(monkeypatch, caplog):
+    """The GPU list is faked (the suite runs without GPUs): growth is requested for each GPU, a GPU
+    that TensorFlow already initialised is logged and skipped, and no GPU means nothing to do."""
+    gpus = [tf.config.PhysicalDevice(f"/physical_device:GPU:{i}", "GPU") for i in range(3)]
+    calls = []
+
+    def set_memory_growth(device, enable):
+        calls.append((device.name, enable))
+        if device.name.endswith(":1"):
+            raise RuntimeError("Physical devices cannot be modified after being initialized")
+
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: gpus if kind == "GPU" else [])
+    monkeypatch.setattr(tf.config.experimental, "set_memory_growth", set_memory_growth)
+    with caplog.at_level(logging.WARNING, logger="hpa_tf.distribute"):
+        assert D.enable_memory_growth() == 3
+    assert calls == [(g.name, True) for g in gpus]
+    assert "GPU:1" in caplog.text and "cannot enable memory growth" in caplog.text
+    calls.clear()
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    assert D.enable_memory_growth() == 0 and calls == []
 
 
 def test_mixed_precision_policy_choices(reset_policy):

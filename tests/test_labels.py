@@ -3,7 +3,9 @@ import pytest
 
 from hpa_tf.labels import (
     CLASS_NAMES,
+    NEGATIVE,
     NUM_CLASSES,
+    SHORT_NAMES,
     LabelError,
     class_of_name,
     classes_of_names,
@@ -14,12 +16,17 @@ from hpa_tf.labels import (
 )
 
 
-def test_table_has_19_classes_in_competition_order():
-    assert NUM_CLASSES == 19
-    assert CLASS_NAMES[0] == "Nucleoplasm"
-    assert CLASS_NAMES[11] == "Mitotic spindle"
-    assert CLASS_NAMES[17].startswith("Vesicles")
-    assert CLASS_NAMES[18] == "Negative"
+def test_the_tables_agree_with_each_other():
+    """The label table's parts are consistent: unique names, short names aligned with the long ones
+    (each short name starts like a word of its class), NEGATIVE pointing at "Negative", and every
+    class id round-tripping through the label-string and multi-hot codecs."""
+    assert NUM_CLASSES == len(CLASS_NAMES) == len(SHORT_NAMES) == 19
+    assert len(set(CLASS_NAMES)) == len(set(SHORT_NAMES)) == NUM_CLASSES
+    assert CLASS_NAMES[NEGATIVE] == "Negative" and (CLASS_NAMES[0], CLASS_NAMES[11]) == ("Nucleoplasm", "Mitotic spindle")
+    for long, short in zip(CLASS_NAMES, SHORT_NAMES):
+        assert any(word[0].lower() == short[0].lower() for word in long.split()), (long, short)
+    for c in range(NUM_CLASSES):
+        assert parse_labels(format_labels([c])) == [c] == from_multi_hot(multi_hot([c]))
 
 
 def test_parse_sorts_and_collapses_repeats():

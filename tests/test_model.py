@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from hpa_tf import model as M
+from hpa_tf.crops import CropSpec
 from hpa_tf.labels import CLASS_NAMES
 
 SIZE = 32
@@ -254,24 +255,42 @@ def test_bad_weights_raise_clear_errors(tmp_path, rgb_weights, monkeypatch):
 
 
 def test_model_config_describes_the_model(model4):
-    config = M.model_config(model4, run="unit")
+    crop = CropSpec(size=96, margin=0.0, mask_neighbors=True)
+    config = M.model_config(model4, crop=crop, run="unit")
     assert config["backbone"] == "efficientnet_b0"
     assert (config["image_size"], config["channels"], config["num_classes"]) == (SIZE, 4, 19)
-    assert config["channel_names"] == ["red", "green", "blue", "yellow"]
+    assert config["channel_letters"] == "rgby" and config["channel_names"] == ["red", "green", "blue", "yellow"]
     assert config["class_names"] == list(CLASS_NAMES)
     assert config["normalization"] == M.get_normalization(model4)
     assert config["run"] == "unit"
-    json.dumps(config)
-    from_args = M.model_config({"backbone": "EfficientNetB0", "image_size": SIZE, "channels": 4})
-    assert {k: v for k, v in from_args.items() if k != "run"} == {k: v for k, v in config.items() if k != "run"}
+    spec = M.ModelSpec.from_config(json.loads(json.dumps(config)))
+    assert spec == M.ModelSpec("efficientnet_b0", SIZE, "rgby", crop, 19)
+    with pytest.raises(ValueError, match="would replace"):
+        M.model_config(model4, backbone="resnet")
+    with pytest.raises(ValueError, match="3 channel letters"):
+        M.model_config(model4, channels="rgb")
+
+
+def test_one_writer_for_every_backbone(tmp_path):
+    """tiny_cnn is described by the same function as the EfficientNets (read from the model)."""
+    from hpa_tf.backbones import build_classifier
+
+    tiny = build_classifier("tiny_cnn", 32, 2, augment={"seed": 1})
+    config = M.model_config(tiny, crop=CropSpec(size=40), channels="gy")
+    assert (config["backbone"], config["image_size"], config["channels"], config["channel_letters"]) == (
+        "tiny_cnn", 32, 2, "gy")
+    assert config["normalization"] == M.get_normalization(tiny) and config["augment"]["seed"] == 1
+    assert set(config) == set(M.model_config(build_classifier("efficientnet_b0", 32, 2), channels="gy"))
+    json_path = M.save_model(tiny, tmp_path / "tiny.keras", crop=CropSpec(size=40), channels="gy")
+    assert json.loads(open(json_path).read()) == config
 
 
 def test_save_load_round_trip_gives_identical_predictions(model4, tmp_path):
     path = tmp_path / "model.keras"
-    json_path = M.save_model(model4, path, run="unit")
+    json_path = M.save_model(model4, path, crop=CropSpec(size=64), run="unit")
     assert json_path == str(tmp_path / "model.json")
     loaded, config = M.load_model(path)
-    assert config == M.model_config(model4, run="unit")
+    assert config == M.model_config(model4, crop=CropSpec(size=64), run="unit")
     assert M.get_normalization(loaded) == M.get_normalization(model4)
     x = _rng_images(4, 4, seed=5)
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded(x, training=False)),

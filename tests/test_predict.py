@@ -6,9 +6,10 @@ import socket
 import numpy as np
 import pytest
 
-import predict as predict_cli
 from hpa_tf import predict as hp
 from hpa_tf.backbones import build_classifier
+from hpa_tf.cli import predict as predict_cli
+from hpa_tf.crops import CropSpec
 from hpa_tf.io import read_label_image, read_rgby
 from hpa_tf.labels import NUM_CLASSES
 from hpa_tf.model import save_model
@@ -19,14 +20,12 @@ from hpa_tf.synthetic import write_dataset
 CROP, SIZE = 64, 48
 
 
-def _save_tiny(path, seed, crop=CROP, channels="rgby"):
+def _save_tiny(path, seed, crop=CropSpec(size=CROP), channels="rgby", size=SIZE):
     import keras
 
     keras.utils.set_random_seed(seed)
-    model = build_classifier("tiny_cnn", image_size=SIZE, channels=len(channels))
-    config = {"backbone": "tiny_cnn", "image_size": SIZE, "channels": len(channels), "channel_letters": channels,
-              "crop_size": crop, "mask_neighbors": False, "num_classes": NUM_CLASSES}
-    save_model(model, str(path), config=config)
+    model = build_classifier("tiny_cnn", image_size=size, channels=len(channels))
+    save_model(model, str(path), crop=crop, channels=channels)
     return str(path)
 
 
@@ -153,19 +152,63 @@ def test_masks_dir_is_reused_and_bad_arguments_are_clear(dataset, models, tmp_pa
                              "--out", str(out)]) == 2
     assert "none.keras" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        predict_cli.parse_args(["--help"])
+        predict_cli.parse_config(["--help"])
     with pytest.raises(ValueError):
         hp.fuse_scores(np.zeros((2, NUM_CLASSES)), 1.5)
 
 
-def test_predictor_resizes_a_batch_exactly_as_training_resizes_each_crop():
+def test_the_predictor_feeds_a_model_what_validation_feeds_it(shard_set, tmp_path):
+    """The same stored crops through the predictor's Classifier and through the training pipeline's
+    evaluation dataset give the same scores: same channel selection, resize and pixel scale,
+    whether the model shrinks, keeps or enlarges the crops."""
     import tensorflow as tf
 
-    from hpa_tf.data import resize
+    from hpa_tf import data, shardset
+    from hpa_tf.records import parse_example
 
-    crops = np.random.default_rng(0).integers(0, 256, (5, CROP, CROP, 4)).astype(np.uint8)
-    for size in (SIZE, CROP, 96):
-        batch = resize(tf.constant(crops), size).numpy()
-        each = np.stack([resize(tf.constant(c), size).numpy() for c in crops])
-        assert batch.shape == (5, size, size, 4)
-        np.testing.assert_array_equal(batch, each)
+    split = shardset.split_folds(shard_set, val_fold=0)
+    shard = split.val_shards[:1]
+    crops = np.stack([parse_example(r)["image"].numpy() for r in tf.data.TFRecordDataset(shard)])
+    for k, (channels, size) in enumerate((("gby", 48), ("rgby", split.crop.size), ("yr", 96))):
+        path = _save_tiny(tmp_path / f"m{k}.keras", k, crop=split.crop, channels=channels, size=size)
+        loaded = hp.load_models([path])[0]
+        predicted = hp.Classifier(loaded, 16)(crops, tta=False)
+        inputs = data.InputConfig(crop_size=split.crop.size, image_size=size, batch_size=16, channels=channels)
+        ds = data.make_dataset(shard, inputs, training=False, pad_last=False, n_examples=len(crops))
+        ds = ds.map(lambda x, y: x)
+        validated = loaded.model.predict(ds, verbose=0)
+        assert predicted.shape == validated.shape == (len(crops), NUM_CLASSES)
+        assert np.std(validated) > 1e-4  # the scores do depend on the input
+        np.testing.assert_allclose(predicted, validated, atol=2e-5)
+
+
+def test_a_model_without_its_crop_spec_is_refused(models, tmp_path):
+    import json
+    import shutil
+
+    for name, edit in (("no_json", None), ("no_crop", lambda c: c.pop("crop")),
+                       ("partial", lambda c: c["crop"].pop("mask_neighbors"))):
+        path = tmp_path / f"{name}.keras"
+        shutil.copy(models[0], path)
+        if edit is not None:
+            config = json.loads(open(models[0].replace(".keras", ".json")).read())
+            edit(config)
+            (tmp_path / f"{name}.json").write_text(json.dumps(config))
+        with pytest.raises(hp.PredictError, match=f"{name}.keras"):
+            hp.load_models([str(path)])
+
+
+def test_a_margin_of_zero_is_used_as_zero(dataset, tmp_path):
+    """model.json's margin 0.0 is a real margin (a falsy value must not fall back to the default)."""
+    tight = CropSpec(size=CROP, margin=0.0, mask_neighbors=True)
+    loaded = hp.load_models([_save_tiny(tmp_path / "tight.keras", 3, crop=tight)])[0]
+    assert loaded.spec.crop == tight
+    image_id = read_submission_ids(dataset)[0]
+    image = read_rgby(dataset / "test", image_id)
+    cells = read_label_image(dataset / "masks" / f"{image_id}_cells.png")
+    seen = []
+    hp.predict_field(image, cells, [hp.Classifier(loaded, 8)], on_crops=lambda spec, batch: seen.append((spec, batch)))
+    assert {spec for spec, _ in seen} == {tight}
+    got = np.concatenate([b.crops for _, b in seen])
+    np.testing.assert_array_equal(got, tight.crop(image, cells).crops)
+    assert not np.array_equal(got, CropSpec(size=CROP, mask_neighbors=True).crop(image, cells).crops)

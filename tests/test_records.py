@@ -13,10 +13,9 @@ from hpa_tf.records import (
     decode_image,
     encode_example,
     parse_example,
-    parse_shard_name,
-    shard_name,
     write_shard,
 )
+from hpa_tf.shardset import parse_shard_name, shard_name
 
 SIZE = 32
 
@@ -140,20 +139,18 @@ def test_malformed_inputs_are_refused():
         encode_example(_crop(), _mask(), [0], "x", 1, (0, 0, 1, 1), (10, 10), encoding="webp")
 
 
-def test_feature_spec_names():
-    assert set(FEATURE_SPEC) == {
-        "image",
-        "encoding",
-        "mask",
-        "labels",
-        "image_id",
-        "cell_id",
-        "bbox",
-        "image_size",
-        "fold",
-        "source",
-        "crop_size",
-    }
+def test_the_writer_writes_exactly_the_features_the_parser_reads():
+    """encode_example and FEATURE_SPEC describe the same schema: every feature written is parsed (none
+    ignored) and every parsed feature is written (no silent default), with the spec's types."""
+    for encoding in ("png", "jpeg"):
+        written = tf.train.Example.FromString(_example(encoding)).features.feature
+        assert set(written) == set(FEATURE_SPEC)
+        for name, spec in FEATURE_SPEC.items():
+            kind = written[name].WhichOneof("kind")
+            assert kind == {tf.string: "bytes_list", tf.int64: "int64_list"}[spec.dtype], name
+            if isinstance(spec, tf.io.FixedLenFeature):
+                n = len(getattr(written[name], kind).value)
+                assert n == int(np.prod(spec.shape)), (name, n, spec.shape)
 
 
 def test_shard_name_round_trip():

@@ -1,5 +1,6 @@
-"""hpa_tf.train and train_tpu.py: two-replica MirroredStrategy, resume with the same optimizer state,
-learning for real on synthetic cells, the run folder's files, and clear errors on bad input."""
+"""hpa_tf.train and its command line (train_tpu.py, hpa-tf-train), on a shard set the builder made:
+two-replica MirroredStrategy, resume with the same optimizer state, learning for real on synthetic
+cells, the run folder's files, model.json's crop spec, and clear errors on bad input."""
 
 import csv
 import json
@@ -8,29 +9,25 @@ import os
 import keras
 import numpy as np
 import pytest
+from conftest import SHARD_CROP
 
-import train_tpu
-from hpa_tf import data, distribute, train
+from hpa_tf import distribute, metric, shardset, train
+from hpa_tf.cli import train as train_cli
+from hpa_tf.config import TrainConfig
+from hpa_tf.crops import CropSpec
 from hpa_tf.model import load_model
-
-# five classes with distinct green patterns; 5 label sets over 4 folds: every fold holds all five
-FIELD_LABELS = [[0], [2], [13], [14], [16]]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("train_shards")
-    info = data.write_synthetic_shards(out, n_fields=24, field_size=384, crop_size=64, n_folds=4, per_shard=64,
-                                       seed=1, field_labels=FIELD_LABELS)
-    assert info["n_examples"] > 500
-    return str(out)
+def shards(shard_set) -> str:
+    return shard_set
 
 
-def _config(shards, out, **kw) -> train.TrainConfig:
+def _config(shards, out, **kw) -> TrainConfig:
     base = dict(data=shards, out=str(out), backbone="tiny_cnn", image_size=32, batch_size=16, epochs=2,
                 steps_per_epoch=4, lr=3e-3, warmup_epochs=0.5, strategy="cpu", tensorboard=False, verbose=0)
     base.update(kw)
-    return train.TrainConfig(**base)
+    return TrainConfig(**base)
 
 
 def _read_csv(path) -> list[dict]:
@@ -42,7 +39,7 @@ def test_mirrored_strategy_over_two_cpus_trains_and_writes_the_run_folder(shards
     strategy = distribute.get_strategy("cpu", devices=["/cpu:0", "/cpu:1"])
     assert strategy.num_replicas_in_sync == 2
     config = _config(shards, tmp_path, batch_size=8, epochs=3, steps_per_epoch=None, val_fold=0)
-    split = data.split_folds(shards, val_fold=0)
+    split = shardset.split_folds(shards, val_fold=0)
     result = train.train(config, strategy=strategy)
 
     # batch arithmetic: per replica × replicas; steps from the manifest's count
@@ -62,7 +59,10 @@ def test_mirrored_strategy_over_two_cpus_trains_and_writes_the_run_folder(shards
     assert state["epoch"] == 3 and state["global_batch"] == 16
     info = json.loads((tmp_path / "model.json").read_text())
     assert info["backbone"] == "tiny_cnn" and info["image_size"] == 32 and info["channels"] == 4
-    assert info["channel_letters"] == "rgby" and info["crop_size"] == 64 and info["mask_neighbors"] is False
+    # the crop spec is the shard set's, copied as one object (recorded == what the pipeline used)
+    assert info["channel_letters"] == "rgby" and CropSpec.from_dict(info["crop"]) == split.crop
+    assert split.crop == CropSpec(size=SHARD_CROP)
+    assert info["shard_set"]["build_config"]["crop"] == info["crop"]
     assert len(info["class_names"]) == 19 and len(info["normalization"]["mean"]) == 4
     assert info["training"]["global_batch"] == 16 and info["training"]["val_folds"] == [0]
     # default: flips/rotations/intensity on the device, in the model; identity when predicting
@@ -128,10 +128,11 @@ def test_resume_continues_at_the_next_epoch_with_the_same_optimizer_state(shards
 
 
 def test_a_small_model_learns_the_synthetic_classes(shards, tmp_path):
-    """~630 training / ~210 validation cells of 5 classes (+ Negative), 64 px, tiny_cnn from scratch,
-    18 epochs, augmentation on the device (the default). Measured over training seeds 0-3: final val
-    macro AUC 0.967-0.99, val mAP 0.86-0.96 (host augmentation, seeds 0-5: 0.97-0.996 and 0.86-0.97;
-    chance: AUC 0.5, mAP ~ class frequency ~0.2); the floors leave a wide margin."""
+    """634 training / 232 validation cells (builder output, 64 px crops; 5 classes with distinct green
+    patterns, Aggresome in one field), tiny_cnn from scratch, 18 epochs, augmentation on the device
+    (the default). Measured over training seeds 0-2: final val macro AUC 0.989-0.995, val mAP
+    (competition AP) 0.95-0.97; chance: AUC 0.5, mAP ~ class frequency ~0.2. The floors leave a
+    wide margin."""
     config = _config(shards, tmp_path, image_size=64, batch_size=32, epochs=18, steps_per_epoch=None, lr=3e-3,
                      val_fold=0, seed=0)
     result = train.train(config)
@@ -146,10 +147,11 @@ def test_host_augmentation_splits_the_work_between_tf_data_and_the_model(tmp_pat
                                                    scale_augment=(0.8, 1.0)))
     assert not (host.flip or host.rotate90 or host.brightness or host.contrast) and host.scale == (0.8, 1.0)
     assert device == {"flip": True, "rotate90": True, "brightness": 0.02, "contrast": 0.2, "seed": 3}
+    host, device = train.host_augmentation(_config("", tmp_path, seed=3))
+    assert host is None and device["brightness"] == 0.05  # nothing left for tf.data to do
     host, device = train.host_augmentation(_config("", tmp_path, augment_on="host"))
     assert device is None and host.flip and host.rotate90 and host.brightness == 0.05 and host.contrast == 0.1
-    host, device = train.host_augmentation(_config("", tmp_path, augment=False))
-    assert device is None and not host.active
+    assert train.host_augmentation(_config("", tmp_path, augment=False)) == (None, None)
     with pytest.raises(ValueError, match="augment_on"):
         train.host_augmentation(_config("", tmp_path, augment_on="tpu"))
 
@@ -162,17 +164,23 @@ def test_non_finite_loss_raises_a_clear_error():
         guard.on_train_batch_end(7, {"loss": float("nan")})
 
 
-def test_average_precision_per_class():
+def test_validation_ap_is_the_competitions_average_precision():
     y = np.zeros((6, 19), np.float32)
-    y[[0, 2], 0] = 1
+    y[[0, 3, 4], 0] = 1
     y[[5], 3] = 1
     scores = np.zeros((6, 19), np.float32)
-    scores[:, 0] = [0.9, 0.8, 0.7, 0.1, 0.2, 0.3]  # positives ranked 1st and 3rd: AP = (1 + 2/3) / 2
+    # class 0 ranked +, -, -, +, +: precision 1, 2/4, 3/5 at the three recall steps. The competition's
+    # all-point (VOC) AP takes the precision envelope: (1 + 0.6 + 0.6) / 3; sklearn's step AP would
+    # give (1 + 0.5 + 0.6) / 3 = 0.7
+    scores[:, 0] = [0.9, 0.8, 0.7, 0.6, 0.5, 0.1]
     scores[:, 3] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
-    ap = train.average_precision(y, scores)
-    np.testing.assert_allclose(ap[0], (1 + 2 / 3) / 2)
+    ap = train.validation_ap(y, scores)
+    np.testing.assert_allclose(ap[0], 2.2 / 3)
     np.testing.assert_allclose(ap[3], 1.0)
     assert np.isnan(ap[1]) and np.isnan(ap[18])
+    # and it is hpa_tf.metric's function, class by class
+    for c in (0, 3):
+        assert ap[c] == metric.average_precision(scores[:, c], y[:, c] > 0, int(y[:, c].sum()))
 
 
 @pytest.mark.parametrize(
@@ -188,27 +196,38 @@ def test_average_precision_per_class():
 def test_bad_input_is_a_clear_error(shards, tmp_path, kw, message):
     if isinstance(kw.get("data"), str):
         kw = {**kw, "data": kw["data"].format(d=shards)}
-    with pytest.raises(data.DataError, match=message):
+    with pytest.raises(shardset.DataError, match=message):
         train.train(_config(shards, tmp_path, **kw))
 
 
 def test_cli_runs_and_reports_bad_input(shards, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train_tpu.main(["--help"])
-    assert exit_info.value.code == 0
     out = tmp_path / "cli"
     args = ["--data", shards, "--val-fold", "2", "--backbone", "tiny_cnn", "--image-size", "32", "--batch-size", "8",
             "--epochs", "1", "--steps-per-epoch", "2", "--strategy", "cpu", "--channels", "gy", "--balance",
-            "--no-tensorboard", "--verbose", "0", "--augment-on", "host", "--out", str(out)]
-    assert train_tpu.main(args) == 0
+            "--no-tensorboard", "--verbose", "0", "--brightness", "0.2", "--contrast", "0.3", "--out", str(out)]
+    assert train_cli.main(args) == 0
     info = json.loads((out / "model.json").read_text())
     assert info["channels"] == 2 and info["channel_letters"] == "gy" and info["training"]["balance"] is True
-    assert info["training"]["augment_on"] == "host" and info["augment"] is None
-    assert train_tpu.main(["--data", str(tmp_path / "none"), "--out", str(out)]) == 2
+    # brightness and contrast reach the model's on-device augmentation
+    assert info["training"]["augment_on"] == "device" and info["augment"]["brightness"] == 0.2
+    assert info["augment"]["contrast"] == 0.3
+    assert train_cli.main(["--data", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert "no such file or folder" in capsys.readouterr().err
 
 
-def test_global_batch_and_steps_arithmetic():
-    strategy = distribute.get_strategy("cpu", devices=["/cpu:0", "/cpu:1"])
-    assert distribute.global_batch_size(16, strategy) == 32
-    assert data.steps_for(100, 32) == 3 and data.steps_for(100, 32, drop_remainder=False) == 4
+def test_every_setting_is_a_flag_with_its_default():
+    """The command line is derived from TrainConfig: each field is a flag, parsing nothing but the
+    required flags gives TrainConfig's own defaults, and --help shows each default."""
+    import dataclasses
+
+    parser = train_cli.build_parser()
+    flags = {a.dest for a in parser._actions}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= flags
+    parsed = train_cli.parse_config(["--data", "d", "--out", "o"])
+    assert parsed == TrainConfig(data="d", out="o")
+    assert train_cli.parse_config(["--data", "a", "b", "--out", "o", "--no-augment", "--val-fold", "none",
+                                   "--scale-augment", "0.8", "1", "--mixed-precision"]) == TrainConfig(
+        data=["a", "b"], out="o", augment=False, val_fold=None, scale_augment=(0.8, 1.0), mixed_precision="auto")
+    text = " ".join(parser.format_help().split())
+    assert "--brightness BRIGHTNESS per-channel offset drawn from ±brightness × 255 (default: 0.05)" in text
+    assert "(default: efficientnet_b0)" in text and "--contrast CONTRAST" in text

@@ -20,6 +20,9 @@ content-defining arguments is refused. OUT may be a local folder or a gs:// path
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from hpa_tf.crops import CropSpec
+
+    crop = CropSpec()  # the defaults
     p = argparse.ArgumentParser(
         prog="python -m tfrecord_builder",
         description="Segment fields of view, crop every cell and write TFRecord shards by fold "
@@ -30,7 +33,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", required=True, help="folder of {ID}_{red,green,blue,yellow}.png|jpg|tif (e.g. train/)")
     p.add_argument("--labels", required=True, help="train.csv with columns ID,Label")
     p.add_argument("--out", required=True, help="output folder (local or gs://)")
-    p.add_argument("--crop-size", type=int, default=512, help="crop side in pixels (default 512)")
+    p.add_argument("--crop-size", type=int, default=crop.size, help=f"crop side in pixels (default {crop.size})")
+    p.add_argument("--margin", type=float, default=crop.margin,
+                   help=f"crop margin: fraction of the cell box's longer side added on each side (default {crop.margin})")
     p.add_argument("--segmenter", default="builtin", choices=["builtin", "hpacellseg"],
                    help="segmentation backend (default builtin; ignored with --masks-dir)")
     p.add_argument("--nuclei-model", help="hpacellseg nuclei model file")
@@ -42,7 +47,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-shard", type=int, help="images per shard (overrides --shard-mb's estimate)")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (default 0)")
-    p.add_argument("--mask-neighbors", action="store_true", help="zero other cells' pixels in each crop")
+    p.add_argument("--mask-neighbors", action="store_true", default=crop.mask_neighbors,
+                   help="zero other cells' pixels in each crop")
     p.add_argument("--encoding", default="png", choices=["png", "jpeg"], help="crop encoding (default png, lossless)")
     p.add_argument("--png-compression", type=int, default=1, help="PNG zlib level 0-9 (default 1)")
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality (default 90)")
@@ -75,22 +81,24 @@ def _logging(quiet: bool) -> None:
 def build_main(argv: Sequence[str]) -> int:
     a = _build_parser().parse_args(argv)
     _logging(a.quiet)
+    from hpa_tf.crops import CropSpec, CropSpecError
     from hpa_tf.io import CsvFormatError
     from hpa_tf.labels import LabelError
-    from tfrecord_builder.builder import BuildError, BuildOptions, build
+    from tfrecord_builder import BuildError, BuildOptions, build
 
     seg_options = {k: v for k, v in (("nuclei_model", a.nuclei_model), ("cell_model", a.cell_model),
                                      ("device", a.device)) if v is not None}
-    options = BuildOptions(
-        data_dir=a.data_dir, labels=a.labels, out=a.out, crop_size=a.crop_size, segmenter=a.segmenter,
-        segmenter_options=seg_options, masks_dir=a.masks_dir, workers=a.workers, shard_mb=a.shard_mb,
-        images_per_shard=a.images_per_shard, folds=a.folds, seed=a.seed, mask_neighbors=a.mask_neighbors,
-        encoding=a.encoding, png_compression=a.png_compression, jpeg_quality=a.jpeg_quality, limit=a.limit,
-        min_cell_area=a.min_cell_area, source=a.source,
-    )
     try:
+        crop = CropSpec(size=a.crop_size, margin=a.margin, mask_neighbors=a.mask_neighbors)
+        options = BuildOptions(
+            data_dir=a.data_dir, labels=a.labels, out=a.out, crop=crop, segmenter=a.segmenter,
+            segmenter_options=seg_options, masks_dir=a.masks_dir, workers=a.workers, shard_mb=a.shard_mb,
+            images_per_shard=a.images_per_shard, folds=a.folds, seed=a.seed, encoding=a.encoding,
+            png_compression=a.png_compression, jpeg_quality=a.jpeg_quality, limit=a.limit,
+            min_cell_area=a.min_cell_area, source=a.source,
+        )
         result = build(options, progress=not a.no_progress, max_shards=a.max_shards)
-    except (BuildError, LabelError, CsvFormatError) as e:
+    except (BuildError, LabelError, CsvFormatError, CropSpecError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(result.line())
@@ -103,7 +111,7 @@ def build_main(argv: Sequence[str]) -> int:
 def verify_main(argv: Sequence[str]) -> int:
     a = _verify_parser().parse_args(argv)
     _logging(a.quiet)
-    from tfrecord_builder.builder import verify
+    from tfrecord_builder.verify import verify
 
     report = verify(a.out, sample=a.sample)
     for problem in report.problems:
