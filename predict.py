@@ -24,7 +24,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--segmenter", default="builtin", choices=["builtin", "hpacellseg"])
     p.add_argument("--nuclei-model", help="hpacellseg nuclei model file (local path)")
     p.add_argument("--cell-model", help="hpacellseg cell model file (local path)")
-    p.add_argument("--device", default="cuda", help="hpacellseg device: cuda or cpu")
+    p.add_argument("--device", default="auto",
+                   help="hpacellseg device: auto (the GPU when PyTorch sees one, else the CPU), cpu, cuda or cuda:N "
+                   "(default auto)")
     p.add_argument("--masks-dir", help="reuse saved {ID}_cells.png masks found here")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--tta", action="store_true", help="average over flips (4 views)")
@@ -39,6 +41,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from hpa_tf.segmentation import preload
+
+    preload(a.segmenter)  # hpacellseg: PyTorch's stack must be imported before TensorFlow
     from hpa_tf.predict import PredictConfig, PredictError, run
 
     config = PredictConfig(

@@ -371,6 +371,21 @@ def _segmenter(name: str, options: Mapping) -> object:
     return _SEGMENTERS[key]
 
 
+def _check_segmenter(options: BuildOptions) -> None:
+    """Create the segmenter once in this process, so that one that cannot be made (a missing
+    package or model file, no GPU) stops the build with its one-line reason before any output."""
+    from hpa_tf.segmentation import SEGMENTER_ERRORS
+
+    if options.masks_dir:
+        return
+    try:
+        _segmenter(options.segmenter, options.segmenter_options)
+    except SEGMENTER_ERRORS as e:
+        raise BuildError(f"segmenter {options.segmenter}: {e}") from None
+    if options.workers > 1:  # each worker makes its own; free this one's memory (models, GPU)
+        _SEGMENTERS.clear()
+
+
 def _init_worker(cv2_threads: int, progress_queue: object = None) -> None:
     """Pool initializer: one OpenCV thread per worker (the pool provides the parallelism)."""
     global _PROGRESS
@@ -446,6 +461,10 @@ def build_shard(task: ShardTask, options: BuildOptions, config_hash: str) -> dic
     ``parts/fold{f}-{index:05d}.json``, each atomically. Returns the sidecar's content.
     """
 
+    if not options.masks_dir:
+        from hpa_tf.segmentation import preload
+
+        preload(options.segmenter)  # a worker: PyTorch's stack (hpacellseg) before TensorFlow
     from hpa_tf.records import ShardWriter, encode_example
 
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -731,6 +750,7 @@ def build(options: BuildOptions, progress: bool = False, max_shards: int | None 
     config_hash = _config_hash(config)
     out = str(options.out)
     run_info = {"workers": options.workers, "shard_mb": options.shard_mb, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _check_segmenter(options)
     _prepare_output(out, config, run_info)
     fileutil.makedirs(fileutil.join(out, PARTS_DIR))
     _clean_temp_files(out)
