@@ -275,6 +275,15 @@ def _import_hpacellseg() -> Any:
         from hpacellseg import cellsegmentator, utils
     except ImportError as e:
         raise ImportError(f"{INSTALL_HINT} (import failed: {e})") from None
+    if importlib.util.find_spec("torchvision") is not None:  # installed: it must import (pytorch_zoo needs it)
+        try:
+            importlib.import_module("torchvision")
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            raise ImportError(
+                f"torchvision is installed but does not import ({type(e).__name__}: {reason}); "
+                f"install the torchvision release made for torch {sys.modules['torch'].__version__}"
+            ) from None
     apply_compat(cellsegmentator, utils)
     return types.SimpleNamespace(
         CellSegmentator=cellsegmentator.CellSegmentator, label_cell=utils.label_cell,
