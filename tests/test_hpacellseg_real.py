@@ -164,16 +164,17 @@ def test_channels_reach_the_models_as_the_package_expects(segmenter, fields):
     assert np.array_equal(batch[0][0], cells) and batch[1][0].shape == fields["tall"][0].shape[:2]
 
 
-def test_device_auto_is_the_cpu_without_a_gpu(hpacellseg, model_files):
+def test_device_auto_is_the_gpu_when_torch_sees_one_else_the_cpu(hpacellseg, model_files):
     from hpa_tf.segmentation.hpacellseg_backend import _count_gpus
 
-    if _count_gpus():
-        pytest.skip("a GPU is visible")
+    gpus = _count_gpus()
     seg = get_segmenter("hpacellseg", nuclei_model=model_files[0], cell_model=model_files[1])
-    assert seg.device == "cpu"
-    assert next(seg._segmentator.nuclei_model.parameters()).device.type == "cpu"
-    with pytest.raises(SegmenterError, match="PyTorch sees no GPU; use --device cpu"):
-        get_segmenter("hpacellseg", nuclei_model=model_files[0], cell_model=model_files[1], device="cuda")
+    assert seg.device == ("cuda" if gpus else "cpu")
+    for model in (seg._segmentator.nuclei_model, seg._segmentator.cell_model):
+        assert next(model.parameters()).device.type == seg.device
+    if gpus == 0:
+        with pytest.raises(SegmenterError, match="PyTorch sees no GPU; use --device cpu"):
+            get_segmenter("hpacellseg", nuclei_model=model_files[0], cell_model=model_files[1], device="cuda")
 
 
 # ---------------------------------------------------------------------------------------------
