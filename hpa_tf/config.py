@@ -154,7 +154,7 @@ class PredictConfig:
     segmenter: str = setting("builtin", choices=("builtin", "hpacellseg"), help="segmentation backend")
     nuclei_model: str | None = setting(None, help="hpacellseg nuclei model file (local path)")
     cell_model: str | None = setting(None, help="hpacellseg cell model file (local path)")
-    device: str = setting("cuda", help="hpacellseg device: cuda or cpu")
+    device: str = setting("auto", help="hpacellseg device: auto (the GPU when PyTorch sees one, else the CPU), cpu, cuda or cuda:N")
     masks_dir: str | None = setting(None, help="reuse saved {ID}_cells.png masks found here")
     batch_size: int = setting(32, help="crops per model call")
     tta: bool = setting(False, help="average over flips (4 views)")

@@ -270,13 +270,18 @@ def run(config: PredictConfig, segmenter=None, on_crops: CropsHook | None = None
     fields taken from the cache are not cropped again.
     """
     from hpa_tf.distribute import enable_memory_growth
+    from hpa_tf.segmentation import preload
 
+    preload(config.segmenter)  # hpacellseg: PyTorch's stack before TensorFlow
     enable_memory_growth()  # let PyTorch (hpacellseg) share the GPU
     requested = _requested(config)
     cache = _cache_dir(config)
+    if segmenter is None:
+        segmenter = _LazySegmenter(config)
+        if _needs_segmenter(config, requested, cache):
+            segmenter.build()  # a segmenter that cannot be made stops the run before any output
     cache.mkdir(parents=True, exist_ok=True)
     classifiers = [Classifier(m, config.batch_size) for m in load_models(config.models)]
-    segmenter = segmenter or _LazySegmenter(config)
 
     bar = None
     if config.progress:
@@ -327,6 +332,17 @@ def run(config: PredictConfig, segmenter=None, on_crops: CropsHook | None = None
     return summary
 
 
+def _needs_segmenter(config: PredictConfig, requested: Sequence[tuple], cache: Path) -> bool:
+    """Whether some requested field has neither a cached result nor a saved mask."""
+    for image_id, _, _ in requested:
+        if (cache / f"{image_id}.json").is_file():
+            continue
+        if config.masks_dir and (Path(config.masks_dir) / f"{image_id}_cells.png").is_file():
+            continue
+        return True
+    return False
+
+
 class _LazySegmenter:
     """Builds the configured segmenter on first use (never, when every mask is reused)."""
 
@@ -334,15 +350,22 @@ class _LazySegmenter:
         self.config = config
         self._segmenter = None
 
+    def build(self) -> None:
+        """Create the segmenter now; raises PredictError (one line, what to do) when it cannot be."""
+        from hpa_tf.segmentation import SEGMENTER_ERRORS, get_segmenter
+
+        c = self.config
+        options = {}
+        if c.segmenter == "hpacellseg":
+            options = {"nuclei_model": c.nuclei_model, "cell_model": c.cell_model, "device": c.device}
+        try:
+            self._segmenter = get_segmenter(c.segmenter, **options)
+        except SEGMENTER_ERRORS as e:
+            raise PredictError(f"segmenter {c.segmenter}: {e}") from None
+
     def segment(self, image: np.ndarray):
         if self._segmenter is None:
-            from hpa_tf.segmentation import get_segmenter
-
-            c = self.config
-            options = {}
-            if c.segmenter == "hpacellseg":
-                options = {"nuclei_model": c.nuclei_model, "cell_model": c.cell_model, "device": c.device}
-            self._segmenter = get_segmenter(c.segmenter, **options)
+            self.build()
         return self._segmenter.segment(image)
 
 

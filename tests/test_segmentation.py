@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from hpa_tf.io import read_label_image, read_rgby
-from hpa_tf.segmentation import BACKENDS, draw_overlay, get_segmenter, label_outlines
+from hpa_tf.segmentation import BACKENDS, SegmenterError, draw_overlay, get_segmenter, label_outlines
 from hpa_tf.segmentation.builtin import BuiltinSegmenter, pair_labels, upsample_labels
 from hpa_tf.segmentation.evaluate import match_labels, merged_fraction, score_segmentation
 from hpa_tf.synthetic import generate_field
@@ -299,12 +299,18 @@ def _fake_label_cell(nuclei_pred, cell_pred):
     return nuclei, cells
 
 
-def _fake_backend(swap=False):
+def _fake_load_model(path, device):
+    """Stand-in for the backend's model loader: what would be the loaded module."""
+    return ("module", path, device)
+
+
+def _fake_backend(swap=False, gpus=0):
     class _Seg(_FakeSegmentator):
         def __init__(self, *a, **k):
             super().__init__(*a, swap=swap, **k)
 
-    return types.SimpleNamespace(CellSegmentator=_Seg, label_cell=_fake_label_cell)
+    return types.SimpleNamespace(CellSegmentator=_Seg, label_cell=_fake_label_cell, load_model=_fake_load_model,
+                                 count_gpus=lambda: gpus)
 
 
 @pytest.fixture
@@ -332,13 +338,15 @@ def _two_cell_field(h=48, w=64, dtype=np.uint8):
 
 @pytest.mark.parametrize("swap", [False, True])
 def test_hpacellseg_adapter_channels_scaling_and_labels(model_files, swap):
-    """Stand-in only: checks what the adapter passes to hpacellseg (paths, scale, device, channel
-    order (microtubule, ER, nucleus) = (red, yellow, blue), uint8) and how it turns label_cell's
-    output into paired int32 labels of the field's size. The real package is not run."""
+    """Stand-in only: checks what the adapter passes to hpacellseg (loaded models, scale, device,
+    channel order (microtubule, ER, nucleus) = (red, yellow, blue), uint8) and how it turns
+    label_cell's output into paired int32 labels of the field's size. The real package is run by
+    tests/test_hpacellseg_real.py."""
     seg = get_segmenter("hpacellseg", nuclei_model=model_files[0], cell_model=str(model_files[1]), device="cpu",
                         backend=_fake_backend(swap))
     fake = _FakeSegmentator.instances[-1]
-    assert fake.args == dict(nuclei_model=str(model_files[0]), cell_model=str(model_files[1]), scale_factor=0.25,
+    assert fake.args == dict(nuclei_model=("module", str(model_files[0]), "cpu"),
+                             cell_model=("module", str(model_files[1]), "cpu"), scale_factor=0.25,
                              device="cpu", padding=True, multi_channel_model=True)
     image = _two_cell_field(dtype=np.uint16)
     cells, nuclei = seg.segment(image)
@@ -374,8 +382,69 @@ def test_hpacellseg_missing_package_says_how_to_install(model_files, monkeypatch
     with pytest.raises(ImportError) as info:
         get_segmenter("hpacellseg", nuclei_model=model_files[0], cell_model=model_files[1], device="cpu")
     message = str(info.value)
-    assert "pip install https://github.com/CellProfiling/HPA-Cell-Segmentation/archive/master.zip" in message
-    assert "pytorch_zoo" in message and "--backend builtin" in message
+    assert "pip install --no-deps https://github.com/CellProfiling/HPA-Cell-Segmentation/archive/master.zip" in message
+    assert "pip install https://github.com/haoxusci/pytorch_zoo/archive/master.zip" in message
+    assert "torchvision" in message and "--segmenter builtin" in message
+    assert "\n" not in message
+
+
+def test_hpacellseg_device_auto_picks_the_gpu_only_when_there_is_one(model_files):
+    def device(requested, gpus):
+        get_segmenter("hpacellseg", nuclei_model=model_files[0], cell_model=model_files[1], device=requested,
+                      backend=_fake_backend(gpus=gpus))
+        return _FakeSegmentator.instances[-1].args["device"]
+
+    assert device("auto", 0) == "cpu" and device("auto", 1) == "cuda" and device("AUTO", 2) == "cuda"
+    assert device("cuda:1", 2) == "cuda:1" and device("cpu", 1) == "cpu"
+    assert _FakeSegmentator.instances[-1].args["nuclei_model"][2] == "cpu"  # models loaded where they run
+    with pytest.raises(SegmenterError, match="PyTorch sees no GPU; use --device cpu, or --device auto"):
+        device("cuda", 0)
+    with pytest.raises(SegmenterError, match="sees 2 GPU"):
+        device("cuda:2", 2)
+    with pytest.raises(ValueError, match="auto, cpu, cuda or cuda:N"):
+        device("gpu", 1)
+
+
+def _hide_hpacellseg(monkeypatch):
+    """Make the hpacellseg import fail, installed or not."""
+    monkeypatch.setitem(sys.modules, "hpacellseg", None)
+    monkeypatch.setitem(sys.modules, "hpacellseg.cellsegmentator", None)
+
+
+def _one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_hpacellseg_unavailable_is_a_one_line_error_in_every_command(model_files, tmp_path, capsys, monkeypatch):
+    """Segmentation CLI, builder and predict.py: exit 2, one line naming the fix, no output left."""
+    from hpa_tf.cli import predict as predict_cli
+    from hpa_tf.segmentation.__main__ import main as segment_main
+    from hpa_tf.synthetic import write_dataset
+    from tfrecord_builder.__main__ import main as build_main
+
+    _hide_hpacellseg(monkeypatch)
+    data = tmp_path / "data"
+    write_dataset(data, n_train=2, n_test=1, size=64, seed=3)
+    model = tmp_path / "model.keras"  # never reached: the segmenter is checked first
+    model.write_bytes(b"")
+    hpacellseg = ["--nuclei-model", str(model_files[0]), "--cell-model", str(model_files[1])]
+    runs = {
+        "segment": (segment_main, ["--data-dir", str(data / "test"), "--out", str(tmp_path / "o1"),
+                                   "--segmenter", "hpacellseg", *hpacellseg]),
+        "build": (build_main, ["--data-dir", str(data / "train"), "--labels", str(data / "train.csv"),
+                               "--out", str(tmp_path / "o2"), "--folds", "2", "--segmenter", "hpacellseg",
+                               *hpacellseg]),
+        "predict": (predict_cli.main, ["--test-dir", str(data / "test"), "--model", str(model), "--out",
+                                       str(tmp_path / "o3" / "submission.csv"), "--segmenter", "hpacellseg",
+                                       *hpacellseg]),
+    }
+    for name, (main, argv) in runs.items():
+        assert main(argv) == 2, name
+        line = _one_line_error(capsys.readouterr().err)
+        assert "pip install --no-deps https://github.com/CellProfiling" in line and "--segmenter builtin" in line, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cell.pth", "data", "model.keras", "nuclei.pth"]
 
 
 # ---------------------------------------------------------------------------------------------

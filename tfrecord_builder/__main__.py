@@ -40,7 +40,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="segmentation backend (default builtin; ignored with --masks-dir)")
     p.add_argument("--nuclei-model", help="hpacellseg nuclei model file")
     p.add_argument("--cell-model", help="hpacellseg cell model file")
-    p.add_argument("--device", help="hpacellseg device, e.g. cpu or cuda")
+    p.add_argument("--device", default="auto",
+                   help="hpacellseg device: auto (the GPU when PyTorch sees one, else the CPU), cpu, cuda or cuda:N "
+                   "(default auto)")
     p.add_argument("--masks-dir", help="reuse saved masks {ID}_cells.png (uint16 label images) instead of segmenting")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1; use the number of cores)")
     p.add_argument("--shard-mb", type=float, default=150.0, help="target shard size in MB (default 150)")
@@ -81,6 +83,10 @@ def _logging(quiet: bool) -> None:
 def build_main(argv: Sequence[str]) -> int:
     a = _build_parser().parse_args(argv)
     _logging(a.quiet)
+    if not a.masks_dir:
+        from hpa_tf.segmentation import preload
+
+        preload(a.segmenter)  # hpacellseg: PyTorch's stack must be imported before TensorFlow
     from hpa_tf.crops import CropSpec, CropSpecError
     from hpa_tf.io import CsvFormatError
     from hpa_tf.labels import LabelError

@@ -35,7 +35,7 @@ from hpa_tf.io import read_labels
 from tfrecord_builder.options import BuildError, BuildOptions, check_options, config_hash, content_config
 from tfrecord_builder.output import assemble, clean_temp_files, load_part, prepare_output, remove_unfinished
 from tfrecord_builder.plan import ShardTask, estimate_images_per_shard, plan_shards
-from tfrecord_builder.worker import run_tasks
+from tfrecord_builder.worker import check_segmenter, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ def build(options: BuildOptions, progress: bool = False, max_shards: int | None 
     digest = config_hash(config)
     out = str(options.out)
     run_info = {"workers": options.workers, "shard_mb": options.shard_mb, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    segmenter = check_segmenter(options)  # one that cannot be made stops the build before any output
     prepare_output(out, config, run_info)
     fileutil.makedirs(fileutil.join(out, shardset.PARTS_DIR))
     clean_temp_files(out)
@@ -156,7 +157,7 @@ def build(options: BuildOptions, progress: bool = False, max_shards: int | None 
         parts[task.stem] = part
 
     try:
-        run_tasks(todo, options, digest, on_done, on_field)
+        run_tasks(todo, options, digest, on_done, on_field, segmenter=segmenter)
     finally:
         if bar is not None:
             bar.close()

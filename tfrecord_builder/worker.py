@@ -39,9 +39,26 @@ def make_segmenter(options: BuildOptions) -> object | None:
     """The segmenter the options ask for (None with saved masks)."""
     if options.masks_dir:
         return None
-    from hpa_tf.segmentation import get_segmenter
+    from hpa_tf.segmentation import get_segmenter, preload
 
+    preload(options.segmenter)  # hpacellseg: PyTorch's stack before TensorFlow (see hpa_tf.segmentation)
     return get_segmenter(options.segmenter, **dict(options.segmenter_options))
+
+
+def check_segmenter(options: BuildOptions) -> object | None:
+    """Create the segmenter in this process, so that one that cannot be made (a missing package or
+    model file, no GPU) stops the build with its one-line reason before any output is written.
+
+    Returns it for a build in this process (1 worker), None otherwise: pool workers make their own,
+    so this one's memory (models, GPU) is freed at once.
+    """
+    from hpa_tf.segmentation import SEGMENTER_ERRORS
+
+    try:
+        segmenter = make_segmenter(options)
+    except SEGMENTER_ERRORS as e:
+        raise BuildError(f"segmenter {options.segmenter}: {e}") from None
+    return segmenter if options.workers <= 1 else None
 
 
 def _peak_rss_mb() -> float:
@@ -133,14 +150,17 @@ def run_tasks(
     config_hash: str,
     on_done: Callable[[ShardTask, dict], None],
     on_field: FieldCallback,
+    segmenter: object | None = None,
 ) -> None:
     """Run the tasks in this process (1 worker) or in a spawn-context process pool.
 
     ``on_field(1, n_cells)`` is called in this process for every field a worker finishes,
-    ``on_done(task, sidecar)`` for every finished task.
+    ``on_done(task, sidecar)`` for every finished task. ``segmenter``: one already made in this
+    process (``check_segmenter``), used when the tasks run here.
     """
     if options.workers <= 1 or len(todo) <= 1:
-        segmenter = make_segmenter(options) if todo else None
+        if segmenter is None and todo:
+            segmenter = make_segmenter(options)
         for task in todo:
             on_done(task, build_shard(task, options, config_hash, segmenter, on_field))
         return

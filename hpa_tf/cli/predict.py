@@ -34,6 +34,9 @@ def parse_config(argv: Sequence[str] | None = None, prog: str | None = None) -> 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     config = parse_config(argv, prog)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from hpa_tf.segmentation import preload
+
+    preload(config.segmenter)  # hpacellseg: PyTorch's stack must be imported before TensorFlow
     from hpa_tf.predict import PredictError, run
 
     name = prog or "predict"

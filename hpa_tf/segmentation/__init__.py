@@ -6,9 +6,13 @@ the ids are ``1..N``. Backends are chosen by name::
 
     seg = get_segmenter("builtin")                      # classical, no weights, CPU (default)
     seg = get_segmenter("hpacellseg", nuclei_model="nuclei.pth", cell_model="cell.pth",
-                        device="cuda")                  # the official HPA U-Nets (optional)
+                        device="auto")                  # the official HPA U-Nets (optional)
     cells, nuclei = seg.segment(image)
     results = seg.segment_batch([image1, image2])
+
+A backend that cannot be created raises one of ``SEGMENTER_ERRORS`` with a one-line message that
+says what to do. A process that uses the hpacellseg backend and TensorFlow calls
+``preload("hpacellseg")`` before TensorFlow is imported (see ``hpacellseg_backend.preload``).
 
 ``draw_overlay`` draws the outlines over an RGB composite for a person to look at.
 Command line: ``python -m hpa_tf.segmentation --help``.
@@ -23,7 +27,20 @@ import numpy as np
 
 BACKENDS: tuple[str, ...] = ("builtin", "hpacellseg")
 
-__all__ = ["BACKENDS", "Segmenter", "get_segmenter", "draw_overlay", "label_outlines"]
+__all__ = [
+    "BACKENDS", "SEGMENTER_ERRORS", "Segmenter", "SegmenterError", "get_segmenter", "preload", "draw_overlay",
+    "label_outlines",
+]
+
+
+class SegmenterError(RuntimeError):
+    """A segmentation backend cannot be created: a model file it cannot load, a device it lacks."""
+
+
+#: What ``get_segmenter`` raises for a backend that cannot be created; each message is one line
+#: naming the file or package and the fix (missing package: ImportError; missing model file:
+#: FileNotFoundError; bad option: ValueError).
+SEGMENTER_ERRORS: tuple[type[Exception], ...] = (SegmenterError, ImportError, OSError, ValueError)
 
 
 class Segmenter(Protocol):
@@ -47,6 +64,8 @@ def get_segmenter(name: str = "builtin", **options: Any) -> Segmenter:
     Raises
     ------
     ValueError : an unknown backend name or option.
+    ImportError, FileNotFoundError, SegmenterError : the backend cannot be created (a missing
+        package or model file, an unreadable model file, no GPU); see ``SEGMENTER_ERRORS``.
     """
     key = str(name).strip().lower()
     if key == "builtin":
@@ -63,6 +82,18 @@ def get_segmenter(name: str = "builtin", **options: Any) -> Segmenter:
         return cls(**options)
     except TypeError as e:  # unexpected keyword
         raise ValueError(f"bad options for segmentation backend {key!r}: {e}") from None
+
+
+def preload(name: str) -> None:
+    """Import what backend ``name`` must import before TensorFlow (hpacellseg: PyTorch's stack).
+
+    Call it early in a process that may also import TensorFlow; a no-op for other backends and
+    where the packages are missing.
+    """
+    if str(name).strip().lower() == "hpacellseg":
+        from hpa_tf.segmentation.hpacellseg_backend import preload as preload_torch
+
+        preload_torch()
 
 
 def label_outlines(labels: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpa_tf.segmentation import BACKENDS, draw_overlay, get_segmenter
+from hpa_tf.segmentation import BACKENDS, SEGMENTER_ERRORS, draw_overlay, get_segmenter
 
 logger = logging.getLogger("hpa_tf.segmentation")
 
@@ -31,13 +31,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", required=True, help="folder with {ID}_{red,green,blue,yellow}.{png,jpg,tif}")
     p.add_argument("--ids", nargs="+", help="field IDs to segment (default: every field in --data-dir)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--backend", default="builtin", choices=BACKENDS, help="segmenter (default: builtin)")
+    p.add_argument("--backend", "--segmenter", dest="backend", default="builtin", choices=BACKENDS,
+                   help="segmenter (default: builtin)")
     p.add_argument("--scale", type=float, default=None, help="builtin: working scale (default 0.25)")
     p.add_argument("--overlay", action="store_true", help="also write {ID}_overlay.png for a person to look at")
     p.add_argument("--overlay-size", type=int, default=1024, help="longer side of the overlays in px (default 1024)")
     p.add_argument("--nuclei-model", help="hpacellseg: local nuclei model file (never downloaded)")
     p.add_argument("--cell-model", help="hpacellseg: local 3-channel cell model file (never downloaded)")
-    p.add_argument("--device", default="cuda", help="hpacellseg: cuda or cpu (default cuda)")
+    p.add_argument("--device", default="auto",
+                   help="hpacellseg: auto (the GPU when PyTorch sees one, else the CPU), cpu, cuda or cuda:N "
+                   "(default auto)")
     p.add_argument("--overwrite", action="store_true", help="redo fields whose outputs already exist")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -59,20 +62,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not ids:
         print(f"error: no fields ({{ID}}_{{red,green,blue,yellow}}.png|jpg|tif) in {data_dir}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
     options: dict = {}
     if args.backend == "builtin":
         if args.scale is not None:
             options["scale"] = args.scale
     else:
         options = {"nuclei_model": args.nuclei_model, "cell_model": args.cell_model, "device": args.device}
-    try:
+    try:  # before the output folder exists: a refused start leaves nothing behind
         segmenter = get_segmenter(args.backend, **options)
-    except (ImportError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except SEGMENTER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
 
     def outputs(image_id: str) -> list[Path]:
         names = [f"{image_id}_cells.png", f"{image_id}_nuclei.png"]
