@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from hpa_tf import fileutil, shardset
 from hpa_tf.folds import assign_folds, write_folds_csv
-from hpa_tf.io import read_labels
+from hpa_tf.io import read_labels, read_sources
 from tfrecord_builder.options import BuildError, BuildOptions, check_options, config_hash, content_config
 from tfrecord_builder.output import assemble, clean_temp_files, load_part, prepare_output, remove_unfinished
 from tfrecord_builder.plan import ShardTask, estimate_images_per_shard, plan_shards
@@ -76,6 +76,23 @@ def result_from_summary(out: str, summary: dict, built: int, kept: int, seconds:
     )
 
 
+def run_beam(todo: list[ShardTask], options: BuildOptions, digest: str, parts: dict[str, dict]) -> None:
+    """Run the tasks as a Beam pipeline (``tfrecord_builder.beam_runner``), then read their sidecars into ``parts``."""
+    from tfrecord_builder.beam_runner import run_tasks as beam_run_tasks
+
+    counters = beam_run_tasks(todo, options, digest)
+    shard_files = {n for n in fileutil.listdir(options.out) if n.endswith(".tfrec")}
+    for task in todo:
+        part = load_part(options.out, task, digest, shard_files)
+        if part is None:
+            raise BuildError(f"the Beam pipeline finished but shard task {task.stem} has no valid sidecar in "
+                             f"{fileutil.join(options.out, shardset.PARTS_DIR)}")
+        parts[task.stem] = part
+    fields = sum(len(t.image_ids) for t in todo)
+    log.info("beam: %d field(s), %d cell(s) in %.1f s (%.2f fields/s)", fields, sum(parts[t.stem]["count"] for t in todo),
+             counters["seconds"], fields / max(counters["seconds"], 1e-9))
+
+
 def build(options: BuildOptions, progress: bool = False, max_shards: int | None = None) -> BuildResult:
     """Build (or resume, or confirm) the TFRecord output described by ``options``.
 
@@ -106,12 +123,20 @@ def build(options: BuildOptions, progress: bool = False, max_shards: int | None 
     per_shard = options.images_per_shard or estimate_images_per_shard(
         options.shard_mb, options.crop.size, options.encoding
     )
-    tasks = plan_shards(image_ids, folds, labels, per_shard)
+    tasks = plan_shards(image_ids, folds, labels, per_shard, read_sources(options.labels))
     config = content_config(options, per_shard)
     digest = config_hash(config)
     out = str(options.out)
-    run_info = {"workers": options.workers, "shard_mb": options.shard_mb, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    run_info = {"runner": options.runner, "workers": options.workers, "shard_mb": options.shard_mb,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if options.runner == "beam":
+        from tfrecord_builder.beam_runner import check_inputs, import_beam
+
+        import_beam()  # a missing apache-beam stops the build before any output, naming the install line
+        check_inputs(options)
     segmenter = check_segmenter(options)  # one that cannot be made stops the build before any output
+    if options.runner == "beam":
+        segmenter = None  # the pipeline's workers make their own
     prepare_output(out, config, run_info)
     fileutil.makedirs(fileutil.join(out, shardset.PARTS_DIR))
     clean_temp_files(out)
@@ -137,7 +162,7 @@ def build(options: BuildOptions, progress: bool = False, max_shards: int | None 
     )
 
     bar = None
-    if progress:
+    if progress and options.runner == "local":  # the Beam runner's progress is its runner's (e.g. Dataflow's UI)
         from tqdm import tqdm
 
         bar = tqdm(total=sum(len(t.image_ids) for t in todo), unit="field", desc="cells → tfrecords", smoothing=0)
@@ -157,7 +182,10 @@ def build(options: BuildOptions, progress: bool = False, max_shards: int | None 
         parts[task.stem] = part
 
     try:
-        run_tasks(todo, options, digest, on_done, on_field, segmenter=segmenter)
+        if options.runner == "beam":
+            run_beam(todo, options, digest, parts)
+        else:
+            run_tasks(todo, options, digest, on_done, on_field, segmenter=segmenter)
     finally:
         if bar is not None:
             bar.close()
