@@ -4,6 +4,7 @@ skipped list, build config and summary counts), verify passes, a rerun does noth
 shard write does not duplicate records, and per-row sources travel into the records."""
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -195,3 +196,83 @@ def test_cli_runner_beam_and_its_errors(dataset, both, tmp_path, capsys, monkeyp
 def test_remote_data_dir_needs_the_beam_runner(dataset, tmp_path):
     with pytest.raises(BuildError, match="only --runner beam reads fields from remote storage"):
         build(_options(dataset, tmp_path / "r", data_dir="gs://bucket/train"))
+
+
+def test_fields_on_a_remote_file_system_are_read_through_beam(dataset, tmp_path):
+    """A data dir and masks dir behind a URL scheme (as gs:// is) are read through Beam's file
+    systems: here a Beam file system registered for ``fakefs://`` that serves a local folder."""
+    from apache_beam.io.localfilesystem import LocalFileSystem
+
+    root = str(dataset)
+
+    class FakeRemoteFileSystem(LocalFileSystem):
+        @classmethod
+        def scheme(cls):
+            return "fakefs"
+
+        @staticmethod
+        def _local(path):
+            return path.replace("fakefs://", root + "/", 1)
+
+        def match(self, patterns, limits=None):
+            return super().match([self._local(p) for p in patterns], limits)
+
+        def open(self, path, *args, **kwargs):
+            return super().open(self._local(path), *args, **kwargs)
+
+        def exists(self, path):
+            return super().exists(self._local(path))
+
+    local = tmp_path / "local-masks"
+    assert build(_options(dataset, local, masks_dir=str(dataset / "masks"))).complete
+    out = tmp_path / "from-remote"
+    result = build(_options(dataset, out, runner="beam", data_dir="fakefs://train", masks_dir="fakefs://masks"))
+    assert result.complete and result.cells > 0
+    assert _records_by_fold(out) == _records_by_fold(local)
+    assert (out / "manifest.csv").read_bytes() == (local / "manifest.csv").read_bytes()
+    with open(out / "skipped.csv", newline="") as f:
+        skipped = {r["image_id"]: r for r in csv.DictReader(f)}
+    assert skipped["absent-id"]["reason"] == "no channel files in fakefs://train"
+    assert f"fakefs://train/{_corrupt_id(dataset)}_green.png" in skipped[_corrupt_id(dataset)]["reason"]
+    config = json.loads((out / "build_config.json").read_text())
+    assert (config["data_dir"], config["masks_dir"], config["segmenter"]) == ("fakefs://train", "fakefs://masks", "masks")
+    assert verify(str(out)).ok
+    with pytest.raises(BuildError, match="data dir fakefs://nothing-here holds no files"):
+        build(_options(dataset, tmp_path / "none", runner="beam", data_dir="fakefs://nothing-here"))
+    assert not (tmp_path / "none").exists()
+
+
+def test_remote_segmenter_files_are_fetched_once(tmp_path):
+    """hpacellseg model files given as remote paths (gs://…) are copied to the worker through
+    Beam's file systems, once; local paths and saved masks are left alone."""
+    from apache_beam.io.localfilesystem import LocalFileSystem
+
+    from tfrecord_builder.beam_runner import stage_models
+
+    store = tmp_path / "bucket"
+    store.mkdir()
+    (store / "nuclei.pth").write_bytes(b"n" * 1000)
+
+    class ModelStoreFileSystem(LocalFileSystem):
+        @classmethod
+        def scheme(cls):
+            return "modelstore"
+
+        def match(self, patterns, limits=None):
+            return super().match([p.replace("modelstore://", f"{store}/") for p in patterns], limits)
+
+        def open(self, path, *args, **kwargs):
+            return super().open(path.replace("modelstore://", f"{store}/"), *args, **kwargs)
+
+    options = BuildOptions(data_dir=str(tmp_path), labels="x.csv", out=str(tmp_path / "o"), segmenter="hpacellseg",
+                           segmenter_options={"nuclei_model": "modelstore://nuclei.pth", "cell_model": "/local/cell.pth",
+                                              "device": "cpu"})
+    staged = stage_models(options, cache=str(tmp_path / "cache"))
+    path = staged.segmenter_options["nuclei_model"]
+    assert path.startswith(str(tmp_path / "cache")) and open(path, "rb").read() == b"n" * 1000
+    assert staged.segmenter_options["cell_model"] == "/local/cell.pth" and staged.segmenter_options["device"] == "cpu"
+    mtime = os.stat(path).st_mtime_ns
+    assert stage_models(options, cache=str(tmp_path / "cache")) == staged and os.stat(path).st_mtime_ns == mtime
+    with pytest.raises(BuildError, match="nuclei_model modelstore://absent.pth not found"):
+        stage_models(dataclasses.replace(options, segmenter_options={"nuclei_model": "modelstore://absent.pth"}),
+                     cache=str(tmp_path / "cache"))

@@ -130,13 +130,14 @@ def build(options: BuildOptions, progress: bool = False, max_shards: int | None 
     run_info = {"runner": options.runner, "workers": options.workers, "shard_mb": options.shard_mb,
                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     if options.runner == "beam":
-        from tfrecord_builder.beam_runner import check_inputs, import_beam
+        from tfrecord_builder.beam_runner import check_inputs, import_beam, stage_models
 
         import_beam()  # a missing apache-beam stops the build before any output, naming the install line
         check_inputs(options)
-    segmenter = check_segmenter(options)  # one that cannot be made stops the build before any output
-    if options.runner == "beam":
-        segmenter = None  # the pipeline's workers make their own
+        check_segmenter(stage_models(options))  # model files may be remote (gs://); the workers make their own
+        segmenter = None
+    else:
+        segmenter = check_segmenter(options)  # one that cannot be made stops the build before any output
     prepare_output(out, config, run_info)
     fileutil.makedirs(fileutil.join(out, shardset.PARTS_DIR))
     clean_temp_files(out)
