@@ -1,11 +1,14 @@
 """Stage 2: fields of view → segmented cells → crops → TFRecord shards, in parallel and resumable.
 
-``build(options)`` runs the whole build with the local runner; its parts, one job each:
+``build(options)`` runs the whole build with the local runner (``options.runner == "local"``) or
+as an Apache Beam pipeline (``"beam"``: ``tfrecord_builder.beam_runner``, the same plan, the same
+per-field function and the same assembly, so the same shard set); its parts, one job each:
 
 ``tfrecord_builder.options``  ``BuildOptions`` (the ``CropSpec`` included), checks, the content config
 ``tfrecord_builder.plan``     images → shard tasks (``plan_shards``), deterministic whatever the workers
 ``tfrecord_builder.field``    ``encode_field``: one field read, segmented, cropped and encoded
 ``tfrecord_builder.worker``   one shard task start to finish, in this process or a process pool
+``tfrecord_builder.beam_runner``  the tasks as a Beam pipeline (DirectRunner, Dataflow, …)
 ``tfrecord_builder.output``   the output folder: create/check, resume, assemble manifest and summary
 ``tfrecord_builder.verify``   read a built shard set back and check it
 
