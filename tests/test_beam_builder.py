@@ -184,7 +184,7 @@ def test_cli_runner_beam_and_its_errors(dataset, both, tmp_path, capsys, monkeyp
     assert cli([*argv, "--out", str(beamed)]) == 0  # finished: nothing to do
     assert "built 0 shard(s) now" in capsys.readouterr().out
     # beam options without the beam runner, and a missing apache-beam: one-line errors, no output folder
-    assert cli([*argv[:-2], "--out", str(tmp_path / "a"), "--beam-options=--runner=DirectRunner"]) == 2
+    assert cli([*argv[:-2], "--out", str(tmp_path / "a"), "--beam-options", "--runner=DirectRunner --project=P"]) == 2
     assert "beam options need runner beam" in capsys.readouterr().err
     monkeypatch.setitem(__import__("sys").modules, "apache_beam", None)
     assert cli([*argv, "--out", str(tmp_path / "b")]) == 2
@@ -276,3 +276,17 @@ def test_remote_segmenter_files_are_fetched_once(tmp_path):
     with pytest.raises(BuildError, match="nuclei_model modelstore://absent.pth not found"):
         stage_models(dataclasses.replace(options, segmenter_options={"nuclei_model": "modelstore://absent.pth"}),
                      cache=str(tmp_path / "cache"))
+
+
+def test_pipeline_options_from_the_command_line():
+    from tfrecord_builder.__main__ import _build_parser, _join_beam_options
+    from tfrecord_builder.beam_runner import pipeline_args
+
+    a = _build_parser().parse_args(_join_beam_options(
+        ["--data-dir", "d", "--labels", "l", "--out", "o", "--runner", "beam",
+         "--beam-options", "--runner=DataflowRunner --project=P", "--beam-options=--region=R"]))
+    options = BuildOptions(data_dir="d", labels="l", out="o", runner=a.runner, beam_options=tuple(a.beam_options))
+    assert pipeline_args(options) == ["--runner=DataflowRunner", "--project=P", "--region=R"]
+    local = BuildOptions(data_dir="d", labels="l", out="o", runner="beam", workers=3)
+    assert pipeline_args(local) == ["--runner=FnApiRunner", "--direct_num_workers=3",
+                                    "--direct_running_mode=multi_processing"]

@@ -94,8 +94,23 @@ def _logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
 
 
+def _join_beam_options(argv: Sequence[str]) -> list[str]:
+    """``--beam-options VALUE`` → ``--beam-options=VALUE``: the value starts with ``--`` (and may
+    hold ``--runner=…``, which is also this command's flag), so argparse would not take it as a value."""
+    out, args = [], list(argv)
+    i = 0
+    while i < len(args):
+        if args[i] == "--beam-options" and i + 1 < len(args):
+            out.append(f"--beam-options={args[i + 1]}")
+            i += 2
+            continue
+        out.append(args[i])
+        i += 1
+    return out
+
+
 def build_main(argv: Sequence[str]) -> int:
-    a = _build_parser().parse_args(argv)
+    a = _build_parser().parse_args(_join_beam_options(argv))
     _logging(a.quiet)
     if not a.masks_dir:
         from hpa_tf.segmentation import preload
