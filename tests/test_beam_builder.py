@@ -93,6 +93,7 @@ def test_beam_builds_the_local_runners_shard_set(both):
                  for o in (local, beamed)]
     assert summaries[0] == summaries[1]
     assert verify(str(beamed)).ok
+    assert not [n for n in os.listdir(beamed / "parts") if n.startswith(".tmp-")]  # the fields list is gone
 
 
 def test_bad_fields_are_skipped_and_listed_as_by_the_local_runner(dataset, both):

@@ -4,7 +4,7 @@ Flink, Spark), giving the same shard set as the local runner.
 ``tfrecord_builder.builder.build`` plans, resumes and assembles as for the local runner; only the
 tasks still to do are handed to ``run_tasks`` here, which runs::
 
-    Create(one element per field: shard key, position, ID, labels, fold, source)   [reshuffled]
+    ReadFromText(one JSON line per field: shard key, position, ID, labels, source) → Reshuffle
       → ParDo(EncodeFieldFn)   read the field's files through Beam's file systems (gs:// included)
                                into a scratch folder, then tfrecord_builder.field.encode_field
                                (read → segment → crop → encode: the local runner's function)
@@ -34,7 +34,7 @@ import shlex
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from hpa_tf import fileutil
@@ -343,8 +343,36 @@ def check_inputs(options: BuildOptions) -> None:
         raise BuildError(f"data dir {options.data_dir} holds no files")
 
 
-def run_tasks(todo: Sequence[ShardTask], options: BuildOptions, config_hash: str,
-              on_progress: Callable[[str], None] | None = None) -> dict:
+def element_line(element: tuple) -> str:
+    """One field element as a JSON line (``field_elements``' tuples)."""
+    key, position, image_id, labels, source = element
+    return json.dumps([list(key), position, image_id, list(labels), source])
+
+
+def element_from_line(line: str) -> tuple:
+    """The inverse of ``element_line``."""
+    key, position, image_id, labels, source = json.loads(line)
+    return (int(key[0]), int(key[1])), int(position), str(image_id), tuple(int(c) for c in labels), source
+
+
+def write_elements(todo: Sequence[ShardTask], out: str) -> str:
+    """Write the fields to build as JSON lines to ``out/parts/.tmp-fields-….jsonl`` (through Beam's
+    file systems) and return its path: the pipeline reads its input from there, so the job
+    description stays small whatever the number of fields (Dataflow limits its size). A killed
+    run's copy is removed by the next start, as every ``.tmp-`` file."""
+    import uuid
+
+    path = _join(_join(out, PARTS_DIR), f".tmp-fields-{uuid.uuid4().hex[:8]}.jsonl")
+    with tempfile.TemporaryDirectory(prefix="hpa-fields-") as scratch:
+        local = os.path.join(scratch, "fields.jsonl")
+        with open(local, "w", encoding="utf-8") as f:
+            for element in field_elements(todo):
+                f.write(element_line(element) + "\n")
+        upload(local, path)
+    return path
+
+
+def run_tasks(todo: Sequence[ShardTask], options: BuildOptions, config_hash: str) -> dict:
     """Run the shard tasks as one Beam pipeline and wait for it; the sidecars land in ``out/parts``.
 
     Returns the pipeline's counters (``fields``, ``fields_skipped``, ``cells``, ``shards``) and
@@ -355,14 +383,18 @@ def run_tasks(todo: Sequence[ShardTask], options: BuildOptions, config_hash: str
 
     args = pipeline_args(options)
     EncodeFieldFn, WriteShardFn = _make_dofns(beam)
-    elements = field_elements(todo)
+    n_fields = sum(len(t.image_ids) for t in todo)
     t0 = time.perf_counter()
-    log.info("beam: %d field(s) in %d shard task(s); pipeline options %s", len(elements), len(todo), " ".join(args))
+    log.info("beam: %d field(s) in %d shard task(s); pipeline options %s", n_fields, len(todo), " ".join(args))
+    fields_file = write_elements(todo, options.out)
+    fs, _ = _filesystems()
     try:
         pipeline = beam.Pipeline(options=PipelineOptions(args))
         _ = (
             pipeline
-            | "Fields" >> beam.Create(elements, reshuffle=True)
+            | "Fields" >> beam.io.ReadFromText(fields_file)
+            | "Parse" >> beam.Map(element_from_line)
+            | "Spread" >> beam.Reshuffle()
             | "Encode" >> beam.ParDo(EncodeFieldFn(options))
             | "ByShard" >> beam.GroupByKey()
             | "WriteShards" >> beam.ParDo(WriteShardFn(options, config_hash))
@@ -373,6 +405,11 @@ def run_tasks(todo: Sequence[ShardTask], options: BuildOptions, config_hash: str
         raise
     except Exception as e:  # a failed step, after the runner's retries
         raise BuildError(f"the Beam pipeline failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    finally:
+        try:
+            fs.delete([fields_file])
+        except Exception:  # noqa: BLE001 - the next start removes it anyway
+            pass
     if str(state).split(".")[-1] not in ("DONE", "UNKNOWN"):
         raise BuildError(f"the Beam pipeline ended in state {state}")
     counters = {"fields": 0, "fields_skipped": 0, "cells": 0, "shards": 0}
