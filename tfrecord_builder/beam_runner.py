@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hpa_tf import fileutil
-from hpa_tf.io import CHANNELS, EXTENSIONS
+from hpa_tf.io import CHANNELS, EXTENSIONS, ImageReadError, find_channel_file
 from hpa_tf.shardset import PARTS_DIR, shard_name
 from tfrecord_builder.field import FieldResult, encode_field
 from tfrecord_builder.options import BuildError, BuildOptions
@@ -124,7 +124,17 @@ def upload(local: str, dst: str) -> None:
 
 def _channel_files(data_dir: str, image_id: str) -> dict[str, str]:
     """``{channel: path}`` of the field's channel files in ``data_dir`` (any Beam file system), the
-    one ``hpa_tf.io.find_channel_file`` would take for each channel; one listing per field."""
+    one ``hpa_tf.io.find_channel_file`` would take for each channel: that function itself for a
+    local folder, one listing of the field's prefix for a remote one (a prefix listing is one call
+    on GCS; a local glob would scan the whole folder for every field)."""
+    if not fileutil.is_remote(data_dir):
+        chosen = {}
+        for channel in CHANNELS:
+            try:
+                chosen[channel] = str(find_channel_file(data_dir, image_id, channel))
+            except ImageReadError:
+                pass
+        return chosen
     fs, _ = _filesystems()
     prefix = _join(data_dir, f"{image_id}_")
     found = {}
