@@ -629,15 +629,29 @@ def load_model(path: str | os.PathLike, compile: bool = False) -> LoadedModel:
     except (ValueError, OSError, KeyError, TypeError, zipfile.BadZipFile) as err:
         raise ValueError(f"cannot load Keras model {path}: {_brief(err)}") from None
     config = None
-    candidates = [config_path(path), fileutil.join(os.path.dirname(path) or ".", "model.json")]
-    for json_path in candidates:
-        if fileutil.exists(json_path):
-            config = _read_config(json_path)
-            _check_config(model, config, json_path)
-            break
+    json_path = find_config(path)
+    if json_path is not None:
+        config = _read_config(json_path)
+        _check_config(model, config, json_path)
     else:
-        logger.warning("no config beside %s (looked for %s)", path, " and ".join(candidates))
+        logger.warning("no config beside %s (looked for %s)", path, " and ".join(config_candidates(path)))
     return LoadedModel(model, config)
+
+
+def config_candidates(model_path: str | os.PathLike) -> list[str]:
+    """Where a model's description is looked for, in order: ``name.json`` (``save_model``), then
+    ``model.json`` in the same folder (a training run's)."""
+    path = os.fspath(model_path)
+    return [config_path(path), fileutil.join(os.path.dirname(path) or ".", "model.json")]
+
+
+def find_config(model_path: str | os.PathLike) -> str | None:
+    """The description :func:`load_model` reads for ``model_path`` (first of :func:`config_candidates`
+    that exists), or None."""
+    for json_path in config_candidates(model_path):
+        if fileutil.exists(json_path):
+            return json_path
+    return None
 
 
 def _read_config(json_path: str) -> dict[str, Any]:
