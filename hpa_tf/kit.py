@@ -313,10 +313,25 @@ def _run_pip(args: list[str], what: str) -> None:
         raise KitError(f"{what} failed (pip exit {proc.returncode}): {tail}")
 
 
+#: What hpa-tf's wheel is built from (pyproject.toml's packages and readme): copied to a scratch folder,
+#: so the build never writes into the checkout and no stale build/ output can slip into the wheel.
+PROJECT_FILES = ("pyproject.toml", "README.md", "hpa_tf", "tfrecord_builder")
+
+
 def _build_wheel(source: Path, dest: Path, what: str) -> Path:
-    """``pip wheel --no-deps`` of a source tree or archive into ``dest``; returns the new wheel."""
+    """``pip wheel --no-deps`` of a source archive, or of the checkout's files, into ``dest``; returns the wheel."""
     with tempfile.TemporaryDirectory(prefix="hpa-tf-kit-") as tmp:
-        args = ["wheel", "--no-deps", "-q", "-w", tmp, str(source)]
+        if source.is_dir():
+            tree = Path(tmp) / "src"
+            for name in PROJECT_FILES:
+                if (source / name).is_dir():
+                    shutil.copytree(source / name, tree / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                else:
+                    tree.mkdir(exist_ok=True)
+                    shutil.copy2(source / name, tree / name)
+            source = tree
+        out = Path(tmp) / "out"
+        args = ["wheel", "--no-deps", "-q", "-w", str(out), str(source)]
         try:
             import setuptools  # noqa: F401  (present: build here, offline, with it)
 
@@ -324,7 +339,7 @@ def _build_wheel(source: Path, dest: Path, what: str) -> Path:
         except ImportError:
             pass
         _run_pip(args, f"building the wheel of {what} ({source})")
-        built = sorted(Path(tmp).glob("*.whl"))
+        built = sorted(out.glob("*.whl"))
         if len(built) != 1:
             raise KitError(f"building the wheel of {what} ({source}) gave {len(built)} wheels")
         target = dest / built[0].name
@@ -481,7 +496,7 @@ def _fill(plan: _Plan, options: KitOptions, tmp: Path, say) -> dict:
             from importlib.metadata import version
 
             versions[name] = version(name)
-        except Exception:  # noqa: BLE001 - informative only
+        except Exception:  # informative only
             versions[name] = None
     info = {
         "format": KIT_FORMAT,
@@ -502,7 +517,7 @@ def _fill(plan: _Plan, options: KitOptions, tmp: Path, say) -> dict:
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     kernel = KERNEL_TEMPLATE.read_text().replace(
-        'COMPETITION = "hpa-single-cell-image-classification"', f"COMPETITION = {options.competition!r}")
+        'COMPETITION = "hpa-single-cell-image-classification"', f"COMPETITION = {json.dumps(options.competition)}")
     (tmp / "kernel.py").write_text(kernel)
     (tmp / "kit.json").write_text(json.dumps(info, indent=2) + "\n")
     metadata = {"title": plan.title, "id": plan.dataset_id, "licenses": [{"name": options.license}]}
