@@ -567,7 +567,7 @@ def build_parser(prog: str = "python -m hpa_tf kit") -> argparse.ArgumentParser:
     g.add_argument("--title", default=KitOptions.title, help="dataset title (default %(default)r)")
     g.add_argument("--license", default=KitOptions.license, help="dataset license (default %(default)s)")
     g.add_argument("--predict-args", default="", metavar="ARGS",
-                   help="predictor flags the kernel always passes, one string (e.g. '--tta --image-weight 0.3')")
+                   help="predictor flags the kernel always passes, one string (e.g. '--tta --batch-size 64')")
     p.add_argument("--force", action="store_true", help="replace an existing, non-empty --out")
     return p
 

@@ -107,7 +107,7 @@ def install(kit: Path, info: dict) -> None:
     project = wheels / info["project"]["wheel"]
     if not project.is_file():
         raise KitError(f"{project}: the project's wheel is missing from the kit")
-    _pip([*base, str(project)], "hpa-tf")
+    _pip([*base, "--force-reinstall", str(project)], "hpa-tf")  # the kit's own hpa-tf, whatever was there
     runtime = list(info.get("runtime_requirements", []))
     if runtime:
         _pip([*base, *runtime], "the runtime wheels (" + ", ".join(runtime) + ")")

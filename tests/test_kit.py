@@ -156,7 +156,7 @@ def test_kernel_installs_only_from_the_kit_without_deps(kit, monkeypatch):
     assert len(calls) == 2
     for args in calls:
         assert args[:4] == ["--no-index", "--find-links", str(kit / "wheels"), "--no-deps"]
-    assert calls[0][4:] == [str(kit / "wheels" / info["project"]["wheel"])]
+    assert calls[0][4:] == ["--force-reinstall", str(kit / "wheels" / info["project"]["wheel"])]
     assert calls[1][4:] == RUNTIME
     # a changed TensorFlow is caught and named
     versions = iter([{"tensorflow": "2.18.1"}, {"tensorflow": "2.21.0"}])
