@@ -401,6 +401,12 @@ def _source_backbone(canonical: str, image_size: int, weights: str | os.PathLike
     return twin
 
 
+def _innermost(err: BaseException, limit: int = 200) -> str:
+    """The innermost cause Keras' deserialisation errors carry (their last 'Exception encountered:' line)."""
+    causes = [ln.split(":", 1)[1].strip() for ln in str(err).splitlines() if ln.startswith("Exception encountered:")]
+    return causes[-1][:limit] if causes and causes[-1] else _brief(err, limit)
+
+
 def _brief(err: BaseException, limit: int = 300) -> str:
     """First line of an error message, cut to ``limit`` characters (Keras embeds whole tensors)."""
     text = str(err).strip()
@@ -653,7 +659,7 @@ def rebuild_model(path: str, config: Mapping[str, Any], err: BaseException | Non
     """
     from hpa_tf.backbones import build_classifier
 
-    why = f" ({_brief(err, 160)})" if err is not None else ""
+    why = f" ({_innermost(err)})" if err is not None else ""
     try:
         model = build_classifier(str(config["backbone"]), int(config["image_size"]), int(config["channels"]),
                                  normalization=config.get("normalization"), augment=config.get("augment"))

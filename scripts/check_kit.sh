@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Checks the offline kit for real, as a Kaggle kernel would use it:
 #   1. trains a small model on synthetic data (python -m hpa_tf demo --quick);
-#   2. builds a kit of it (python -m hpa_tf kit: the project's wheel built from this checkout, the
+#   3. builds a kit of it (python -m hpa_tf kit: the project's wheel built from this checkout, the
 #      runtime wheels downloaded for the kernel's Python and platform);
-#   3. makes a fresh virtualenv standing in for a kernel image: its OWN TensorFlow, Keras and numpy
+#   2. makes a fresh virtualenv standing in for a kernel image: its OWN TensorFlow, Keras and numpy
 #      (not this machine's: default TensorFlow 2.18.1, Keras 3.8.0, numpy 2.0.2) and the other
 #      packages an image has (scipy, scikit-image, OpenCV, matplotlib, scikit-learn), but not
 #      hpa-tf, pycocotools, iterative-stratification or tqdm;
@@ -12,7 +12,7 @@
 #      16-bit test fields laid out as /kaggle/input/COMPETITION/{test,sample_submission.csv};
 #   5. checks the submission (hpa_tf.submission.validate_submission against the sample's IDs and
 #      sizes, then the competition metric against the synthetic truth), and that the kernel's
-#      install left every package of the image as it was (pip freeze before and after: only
+#      install left every package of the image as it was (pip list before and after: only
 #      hpa-tf and the kit's runtime packages added).
 #
 #   scripts/check_kit.sh
@@ -46,7 +46,7 @@ say "1. a small model: python -m hpa_tf demo --quick --out $WORK/demo"
 MODEL=$WORK/demo/train/best.keras
 [ -f "$MODEL" ] || die "the demo wrote no $MODEL"
 
-say "3a. the kernel image: $VENV with $KERNEL_PACKAGES"
+say "2. the kernel image: $VENV with $KERNEL_PACKAGES"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 # shellcheck disable=SC2086  # a list of requirements
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check $KERNEL_PACKAGES 2>&1 | quiet_pip
@@ -59,7 +59,7 @@ for mod in hpa_tf pycocotools iterstrat tqdm; do
     fi
 done
 
-say "2. the kit: python -m hpa_tf kit --out $WORK/kit --model $MODEL --python-version $PYVER"
+say "3. the kit: python -m hpa_tf kit --out $WORK/kit --model $MODEL --python-version $PYVER"
 "$PYTHON" -m hpa_tf kit --out "$WORK/kit" --model "$MODEL" --python-version "$PYVER" --dataset-id "someone/hpa-tf-kit-check" --force
 
 DATA=$WORK/input/$COMPETITION
@@ -68,7 +68,7 @@ if [ ! -f "$DATA/sample_submission.csv" ]; then
     "$PYTHON" -m hpa_tf.synthetic --out "$DATA" --train 0 --test 4 --size 512,640 --bit16-test --seed 11 >/dev/null
 fi
 
-freeze() { (cd / && env -u PYTHONPATH "$VENV/bin/python" -m pip freeze --disable-pip-version-check 2>/dev/null | sort); }
+freeze() { (cd / && env -u PYTHONPATH "$VENV/bin/python" -m pip list --format=freeze --disable-pip-version-check 2>/dev/null | sort); }
 freeze > "$WORK/freeze-before.txt"
 say "the image before: $(grep -iE '^(tensorflow|keras|numpy)==' "$WORK/freeze-before.txt" | tr '\n' ' ')"
 
