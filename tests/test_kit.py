@@ -249,3 +249,48 @@ def test_wheel_platform_check():
     assert not fits(Path("a-1-cp310-cp310-manylinux2014_x86_64.whl"), "3.11", ["manylinux_2_28_x86_64"])
     assert not fits(Path("a-1-cp311-cp311-win_amd64.whl"), "3.11", ["manylinux_2_28_x86_64"])
     assert not fits(Path("a-1-cp311-cp311-manylinux2014_aarch64.whl"), "3.11", ["manylinux_2_28_x86_64"])
+
+
+def _sdist(folder: Path, name: str) -> Path:
+    """A minimal source archive of a pure-Python package (standing in for hpacellseg's and pytorch_zoo's)."""
+    import tarfile
+
+    root = folder / f"{name}-0.1"
+    (root / name).mkdir(parents=True)
+    (root / name / "__init__.py").write_text("VALUE = 1\n")
+    (root / "setup.py").write_text(f"from setuptools import setup\nsetup(name={name!r}, version='0.1', packages=[{name!r}])\n")
+    archive = folder / f"{name}-0.1.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname=root.name)
+    return archive
+
+
+def test_hpacellseg_kit_carries_wheels_models_and_sources(models, wheels, competition, tmp_path, monkeypatch):
+    srcs = [_sdist(tmp_path, "hpacellseg"), _sdist(tmp_path, "pytorch_zoo")]
+    weights = []
+    for name in ("dpn_unet_nuclei_v1.pth", "dpn_unet_cell_3ch_v1.pth"):
+        (tmp_path / name).write_bytes(name.encode() * 10)
+        weights.append(tmp_path / name)
+    out = tmp_path / "kit"
+    assert _kit(out, models[:1], wheels, "--hpacellseg-src", str(srcs[0]), "--pytorch-zoo-src", str(srcs[1]),
+                "--nuclei-model", str(weights[0]), "--cell-model", str(weights[1])) == 0
+    info = json.loads((out / "kit.json").read_text())
+    seg = info["hpacellseg"]
+    assert sorted(seg["wheels"]) == ["hpacellseg-0.1-py3-none-any.whl", "pytorch_zoo-0.1-py3-none-any.whl"]
+    assert all((out / "wheels" / w).is_file() for w in seg["wheels"])
+    assert seg["sources"] == ["models/hpacellseg/hpacellseg-0.1.tar.gz", "models/hpacellseg/pytorch_zoo-0.1.tar.gz"]
+    for key, src in zip(("nuclei_model", "cell_model"), weights):
+        assert (out / seg[key]).read_bytes() == src.read_bytes()
+
+    kernel = _load_kernel(out)
+    calls = []
+    monkeypatch.setattr(kernel, "_pip", lambda args, what: calls.append(args))
+    kernel.install(out, info)
+    assert calls[2] == ["--no-index", "--find-links", str(out / "wheels"), "--no-deps",
+                        *(str(out / "wheels" / w) for w in seg["wheels"])]
+    args = kernel.build_parser().parse_args(["--data-dir", str(competition), "--out", str(tmp_path / "s.csv")])
+    argv = kernel.predict_argv(out, info, args, ["--device", "cpu"])
+    i = argv.index("--segmenter")
+    assert argv[i:i + 6] == ["--segmenter", "hpacellseg", "--nuclei-model", str(out / seg["nuclei_model"]),
+                             "--cell-model", str(out / seg["cell_model"])]
+    assert argv[-2:] == ["--device", "cpu"]
