@@ -294,3 +294,14 @@ def test_hpacellseg_kit_carries_wheels_models_and_sources(models, wheels, compet
     assert argv[i:i + 6] == ["--segmenter", "hpacellseg", "--nuclei-model", str(out / seg["nuclei_model"]),
                              "--cell-model", str(out / seg["cell_model"])]
     assert argv[-2:] == ["--device", "cpu"]
+
+
+def test_runtime_requirements_are_project_dependencies_and_never_the_images_stack():
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    runtime = [Requirement(r).name for r in hk.read_requirements(ROOT / "requirements-runtime.txt")]
+    deps = {Requirement(d).name for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    assert runtime == RUNTIME and set(runtime) <= deps
+    assert not set(runtime) & {"tensorflow", "keras", "numpy", "torch", "opencv-python-headless", "tensorboard"}
