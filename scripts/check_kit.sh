@@ -51,7 +51,8 @@ say "2. the kernel image: $VENV with $KERNEL_PACKAGES"
 # shellcheck disable=SC2086  # a list of requirements
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check $KERNEL_PACKAGES 2>&1 | quiet_pip
 # a reused virtualenv: remove what an earlier run's kernel installed
-"$VENV/bin/python" -m pip uninstall -q -y hpa-tf pycocotools iterative-stratification tqdm >/dev/null 2>&1 || true
+(cd / && env -u PYTHONPATH "$VENV/bin/python" -m pip uninstall -q -y hpa-tf pycocotools iterative-stratification tqdm \
+    >/dev/null 2>&1) || true
 PYVER=$("$VENV/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 for mod in hpa_tf pycocotools iterstrat tqdm; do
     if (cd / && env -u PYTHONPATH "$VENV/bin/python" -c "import $mod" 2>/dev/null); then

@@ -5,8 +5,6 @@ import base64
 import hashlib
 import importlib.util
 import json
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -46,14 +44,12 @@ def _fake_wheel(folder: Path, name: str, version: str = "1.0", tag: str = "py3-n
 def wheels(tmp_path_factory):
     """--wheels-from: hpa-tf's wheel built from this checkout (pip wheel --no-deps) and stand-ins for the rest."""
     folder = tmp_path_factory.mktemp("wheels")
-    build = tmp_path_factory.mktemp("wheel_build")
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(build), str(ROOT)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    (built,) = build.glob("hpa_tf-*.whl")
+    before = sorted(p.name for p in ROOT.iterdir())
+    built = hk._build_wheel(hk.ROOT, folder, "hpa-tf")  # pip wheel --no-deps of a scratch copy of the checkout
+    assert sorted(p.name for p in ROOT.iterdir()) == before  # no build/ or *.egg-info left in the checkout
     names = zipfile.ZipFile(built).namelist()
     assert "hpa_tf/kit_kernel.py" in names and "hpa_tf/cli/predict.py" in names and "tfrecord_builder/__init__.py" in names
-    built.rename(folder / built.name)
+    assert not [n for n in names if n.startswith("tests/")]
     for name in RUNTIME:
         _fake_wheel(folder, name)
     _fake_wheel(folder, "tqdm", "9.9", "cp311-cp311-win_amd64")  # another platform: never chosen
