@@ -1,7 +1,7 @@
 """``python -m hpa_tf COMMAND …``: one entry point for every stage.
 
 Commands: ``demo`` (the whole system on synthetic data), ``synthetic``, ``download``, ``segment``,
-``build``, ``verify``, ``train``, ``predict``, ``metric``. Each takes ``--help``.
+``build``, ``verify``, ``train``, ``predict``, ``metric``, ``kit``. Each takes ``--help``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("hpa_tf.cli.train", "train the classifier (TPU, GPUs or CPU)"),
     "predict": ("hpa_tf.cli.predict", "predict every cell of a test folder and write the submission CSV"),
     "metric": ("hpa_tf.metric", "score a submission with the competition's mAP"),
+    "kit": ("hpa_tf.kit", "write an offline kit (wheels, models, kernel.py) for a Kaggle kernel"),
 }
 
 

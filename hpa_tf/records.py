@@ -80,9 +80,12 @@ def _ints(values: Sequence[int]) -> tf.train.Feature:
 
 def _png_params(compression: int) -> list[int]:
     """PNG writer settings: zlib level, plus the fast filters and run-length strategy, which halve
-    the encoding time of cell crops and make them ~15 % smaller (still plain PNG for any decoder)."""
-    return [cv2.IMWRITE_PNG_COMPRESSION, int(compression), cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FAST_FILTERS,
-            cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+    the encoding time of cell crops and make them ~15 % smaller (still plain PNG for any decoder).
+    The filter setting is OpenCV 4.12's (numpy 2 only); older OpenCV, as next to numpy 1.26, gets the rest."""
+    params = [cv2.IMWRITE_PNG_COMPRESSION, int(compression), cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+    if hasattr(cv2, "IMWRITE_PNG_FILTER"):
+        params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FAST_FILTERS]
+    return params
 
 
 def _imencode(ext: str, array: np.ndarray, params: Sequence[int], what: str) -> bytes:

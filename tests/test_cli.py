@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OWN_OPTION = {
     "demo": "--quick", "synthetic": "--cell-dropout", "segment": "--overlay-size", "build": "--shard-mb",
     "verify": "--sample", "train": "--val-fold", "predict": "--image-weight", "metric": "--iou",
-    "download": "--include-trainset",
+    "download": "--include-trainset", "kit": "--wheels-from",
 }
 
 
