@@ -15,7 +15,8 @@ fraction of predicted cells covering two true nuclei; then the mean of the per-f
 and the worst field (its recall, size and seed). Bar: every field >= 0.95.
 
 Speed and memory: each size runs in its own subprocess with one thread (OpenCV, OpenMP,
-OpenBLAS), the field loaded from a .npy file: seconds per field (median of --repeats), the process's peak
+OpenBLAS), the field loaded from a .npy file: seconds per field (median of --repeats; wall clock,
+and the process's CPU time, which a machine loaded by other work inflates less), the process's peak
 resident memory (ru_maxrss) before and after segmenting (the base holds Python, the libraries
 and the field), and the numpy peak seen by tracemalloc. Bars: <= 0.5 s per 2048² field, < 1.5 GB for a 3072² field.
 """
@@ -48,15 +49,17 @@ repeats = int(sys.argv[3])
 seg = get_segmenter("builtin")
 seg.segment(image[:256, :256])  # warm-up: imports, code paths
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-times = []
+times, cpu = [], []
 for _ in range(repeats):
-    t = time.perf_counter(); cells, nuclei = seg.segment(image); times.append(time.perf_counter() - t)
+    t, c = time.perf_counter(), time.process_time()
+    cells, nuclei = seg.segment(image)
+    times.append(time.perf_counter() - t); cpu.append(time.process_time() - c)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 tracemalloc.start()
 seg.segment(image)
 _, peak = tracemalloc.get_traced_memory()
 tracemalloc.stop()
-print(json.dumps({"times": times, "rss_before_mb": before / 1024, "rss_after_mb": after / 1024,
+print(json.dumps({"times": times, "cpu": cpu, "rss_before_mb": before / 1024, "rss_after_mb": after / 1024,
                   "tracemalloc_peak_mb": peak / 2**20, "cells": int(cells.max())}))
 """
 
@@ -77,7 +80,7 @@ def speed(sizes: list[int], repeats: int, seed: int) -> dict[int, float]:
     size at fork time, so the parent must stay small for the peak to mean anything.
     """
     print("\n== speed and memory (one thread, subprocess per size) ==")
-    print(f"{'size':>6} {'s/field':>8} {'min s':>7} {'cells':>6} {'RSS base MB':>12} {'RSS peak MB':>12} "
+    print(f"{'size':>6} {'s/field':>8} {'min s':>7} {'CPU s':>6} {'cells':>6} {'RSS base MB':>12} {'RSS peak MB':>12} "
           f"{'added MB':>9} {'numpy peak MB':>14}")
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     per_field: dict[int, float] = {}
@@ -96,8 +99,9 @@ def speed(sizes: list[int], repeats: int, seed: int) -> dict[int, float]:
             r = json.loads(res.stdout.strip().splitlines()[-1])
             t = sorted(r["times"])
             per_field[size] = t[len(t) // 2]
+            cpu = sorted(r["cpu"])[len(t) // 2]
             print(
-                f"{size:>6} {t[len(t) // 2]:8.3f} {t[0]:7.3f} {r['cells']:6d} {r['rss_before_mb']:12.0f} "
+                f"{size:>6} {t[len(t) // 2]:8.3f} {t[0]:7.3f} {cpu:6.3f} {r['cells']:6d} {r['rss_before_mb']:12.0f} "
                 f"{r['rss_after_mb']:12.0f} {r['rss_after_mb'] - r['rss_before_mb']:9.0f} {r['tracemalloc_peak_mb']:14.0f}"
             )
     return per_field
