@@ -498,6 +498,9 @@ def _scaled_distance(nuclei: np.ndarray, typical: float, reach: float) -> np.nda
         if sl is None:
             continue
         r_i = max(math.sqrt(areas[i] / math.pi), 0.5 * typical, 1.0)
+        if sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == h or sl[1].stop == w:
+            # cut by the border: its extent along the border tells its size better than its area
+            r_i = max(r_i, 0.5 * max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start))
         pad = int(math.ceil(reach * r_i))
         y0, y1 = max(0, sl[0].start - pad), min(h, sl[0].stop + pad)
         x0, x1 = max(0, sl[1].start - pad), min(w, sl[1].stop + pad)
