@@ -285,7 +285,7 @@ class BuiltinSegmenter:
     min_nucleus_fraction: float = 0.15
     green_weight: float = 0.0
     mask_sigma: float = 0.1
-    max_hole_fraction: float = 0.5
+    max_hole_fraction: float = 0.1
     body_sigma: float = 0.15
     intensity_weight: float = 2.0
     gradient_weight: float = 2.0
