@@ -162,9 +162,10 @@ def _noise_floor(
 ) -> tuple[float, float]:
     """(background level, threshold floor) of an image.
 
-    The background level is the 5th percentile of the smoothed image; the noise is the median
-    absolute deviation of the raw image around the smoothed one over the darkest quarter of the
-    pixels (background where there is any; scaled to a standard deviation). The floor is ``k``
+    The background level is the ``low`` percentile of the smoothed image (5th by default); the
+    noise is the median absolute deviation of the raw image around the smoothed one over the
+    darkest ``dark`` percent of the pixels (a quarter by default: background where there is any;
+    scaled to a standard deviation). The floor is ``k``
     noise standard deviations (at least 2 counts) above the background level.
     """
     background = float(np.percentile(smoothed, low))
