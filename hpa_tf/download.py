@@ -701,9 +701,10 @@ failed (listed in OUT/failed.csv; rerun to try them again), 2 for a bad list or 
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The command line (``prog``: the name its usage shows)."""
     p = argparse.ArgumentParser(
-        prog="python -m hpa_tf.download",
+        prog=prog or "python -m hpa_tf.download",
         description="Fetch the public Human Protein Atlas images of a list ({prefix}_{color}.jpg per field) into "
         "OUT/train and write OUT/train.csv in the 19 classes, with retries, resume and a report of failures.",
         epilog=EXAMPLE,
@@ -732,8 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = build_parser()
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    p = build_parser(prog)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(message)s")
     logging.getLogger("urllib3").setLevel(logging.ERROR)  # retries are routine; what fails in the end is in failed.csv

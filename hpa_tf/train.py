@@ -47,7 +47,7 @@ import tensorflow as tf
 from hpa_tf import data as hpa_data
 from hpa_tf import distribute, fileutil, shardset
 from hpa_tf import model as hpa_model
-from hpa_tf.backbones import build_classifier, is_tiny
+from hpa_tf.backbones import build_classifier, check_backbone, is_tiny
 from hpa_tf.balance import repeat_factors
 from hpa_tf.config import AugmentConfig, TrainConfig
 from hpa_tf.labels import CLASS_NAMES, NUM_CLASSES, SHORT_NAMES
@@ -383,19 +383,21 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
     NonFiniteLossError : the loss became NaN/inf.
     """
     out = str(config.out)
+    # the run folder is made only once the inputs, the strategy and the model are known to be good:
+    # a refused start leaves nothing behind
+    check_backbone(config.backbone)
+    hpa_data.channel_indices(config.channels)
 
     # ---- strategy (first: a TPU must be initialised before other TensorFlow work) ---------------
     if strategy is None:
         strategy = distribute.get_strategy(config.strategy, tpu=config.tpu, devices=config.devices)
     keras.utils.set_random_seed(int(config.seed))
-    fileutil.makedirs(out)
     policy = distribute.set_mixed_precision(strategy, config.mixed_precision)
     global_batch = distribute.global_batch_size(config.batch_size, strategy)
     info = distribute.describe(strategy)
     replicas = int(strategy.num_replicas_in_sync)
 
     # ---- input ---------------------------------------------------------------------------------
-    hpa_data.channel_indices(config.channels)
     split = shardset.split_folds(config.data, config.val_fold, manifest=config.manifest, train_folds=config.train_folds)
     steps_per_epoch = int(config.steps_per_epoch or split.n_train // global_batch)
     if steps_per_epoch < 1:
@@ -452,6 +454,7 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
                      int(model.optimizer.iterations.numpy()))
         elif config.resume:
             log.info("--resume: no %s in %s, starting from epoch 0", STATE_NAME, out)
+    fileutil.makedirs(out)
     fileutil.write_json(fileutil.join(out, "train_config.json"),
                         json.loads(json.dumps(dataclasses.asdict(config), default=str)), indent=2)
 

@@ -215,6 +215,31 @@ def test_cli_runs_and_reports_bad_input(shards, tmp_path, capsys):
     assert "no such file or folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no such file or folder"),
+    ("empty", "folder holds no shard files"),
+    ("val_fold", "fold 7 has no shards"),
+    ("backbone", "unknown backbone 'resnet9'; valid: efficientnet_b0"),
+    ("channels", "channels"),
+])
+def test_a_refused_start_is_one_line_and_leaves_no_run_folder(shards, tmp_path, capsys, case, message):
+    data = {"missing": str(tmp_path / "none"), "empty": str(tmp_path / "empty")}.get(case, shards)
+    (tmp_path / "empty").mkdir()
+    extra = {"val_fold": ["--val-fold", "7"], "backbone": ["--backbone", "resnet9"],
+             "channels": ["--channels", "rgbq"]}.get(case, [])
+    out = tmp_path / "runs" / "r1"
+    args = ["--data", data, "--out", str(out), "--strategy", "cpu", "--backbone", "tiny_cnn", "--image-size", "32",
+            *extra]
+    assert train_cli.main(args, prog="python -m hpa_tf train") == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and lines[0].startswith("python -m hpa_tf train: error: "), err
+    assert message in lines[0], lines[0]
+    if case == "backbone":
+        assert "tiny_cnn" in lines[0]
+    assert not out.exists() and not (tmp_path / "runs").exists()
+
+
 def test_every_setting_is_a_flag_with_its_default():
     """The command line is derived from TrainConfig: each field is a flag, parsing nothing but the
     required flags gives TrainConfig's own defaults, and --help shows each default."""

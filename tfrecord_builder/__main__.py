@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
+
+from hpa_tf.cli import quiet_tensorflow
 
 BUILD_EXAMPLE = """\
 example:
@@ -19,12 +20,13 @@ content-defining arguments is refused. OUT may be a local folder or a gs:// path
 """
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The build command's parser (``prog``: the name its usage shows)."""
     from hpa_tf.crops import CropSpec
 
     crop = CropSpec()  # the defaults
     p = argparse.ArgumentParser(
-        prog="python -m tfrecord_builder",
+        prog=prog or "python -m tfrecord_builder",
         description="Segment fields of view, crop every cell and write TFRecord shards by fold "
         "(subcommands: build (default), verify OUT).",
         epilog=BUILD_EXAMPLE,
@@ -63,9 +65,10 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _verify_parser() -> argparse.ArgumentParser:
+def verify_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The verify command's parser (``prog``: the name its usage shows)."""
     p = argparse.ArgumentParser(
-        prog="python -m tfrecord_builder verify",
+        prog=prog or "python -m tfrecord_builder verify",
         description="Read every shard of a built output and check it against manifest.csv (record counts, "
         "the count in each shard's name, record order) and decode a sample of crops. Exits 1 on any mismatch.",
     )
@@ -76,12 +79,12 @@ def _verify_parser() -> argparse.ArgumentParser:
 
 
 def _logging(quiet: bool) -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
 
 
-def build_main(argv: Sequence[str]) -> int:
-    a = _build_parser().parse_args(argv)
+def build_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    quiet_tensorflow()
+    a = build_parser(prog).parse_args(argv)
     _logging(a.quiet)
     if not a.masks_dir:
         from hpa_tf.segmentation import preload
@@ -114,8 +117,9 @@ def build_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def verify_main(argv: Sequence[str]) -> int:
-    a = _verify_parser().parse_args(argv)
+def verify_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    quiet_tensorflow()
+    a = verify_parser(prog).parse_args(argv)
     _logging(a.quiet)
     from tfrecord_builder.verify import verify
 
@@ -128,13 +132,13 @@ def verify_main(argv: Sequence[str]) -> int:
     return 0 if report.ok else 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "verify":
-        return verify_main(argv[1:])
+        return verify_main(argv[1:], prog=f"{prog} verify" if prog else None)
     if argv and argv[0] == "build":
         argv = argv[1:]
-    return build_main(argv)
+    return build_main(argv, prog)
 
 
 if __name__ == "__main__":
