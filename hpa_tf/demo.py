@@ -202,6 +202,9 @@ def _write_report(out, settings, data, train_dir, model_path, built, trained, pr
     import csv
 
     truth: dict[tuple[str, int], list[int]] = {}
+    from hpa_tf.fileutil import raise_csv_field_size_limit
+
+    raise_csv_field_size_limit()
     with open(data / "truth.csv", newline="") as f:
         for row in csv.DictReader(f):
             truth[(row["ID"], int(row["CellId"]))] = [int(c) for c in row["Label"].split("|")]

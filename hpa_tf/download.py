@@ -70,7 +70,7 @@ import urllib3
 from urllib3.exceptions import HTTPError, MaxRetryError
 from urllib3.util.retry import Retry
 
-from hpa_tf.fileutil import atomic_open
+from hpa_tf.fileutil import atomic_open, raise_csv_field_size_limit
 from hpa_tf.io import CHANNELS
 from hpa_tf.labels import NUM_CLASSES, LabelError, classes_of_names, format_labels, parse_labels
 
@@ -198,6 +198,7 @@ def read_list(path: str | os.PathLike, include_trainset: bool = False) -> FieldL
     except UnicodeDecodeError as e:
         raise ListError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     first_line = text.split("\n", 1)[0]
+    raise_csv_field_size_limit()
     reader = csv.DictReader(io.StringIO(text), delimiter=_sniff_delimiter(first_line))
     header = [h.strip() for h in (reader.fieldnames or [])]
     if not header:

@@ -27,6 +27,9 @@ def _pyplot():
 
 def read_log(path: str | os.PathLike) -> dict[str, list[float]]:
     """Columns of a Keras CSVLogger file as float lists (missing or blank cells become NaN)."""
+    from hpa_tf.fileutil import raise_csv_field_size_limit
+
+    raise_csv_field_size_limit()
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     cols: dict[str, list[float]] = {}

@@ -328,6 +328,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     path = str(path)
     if not fileutil.exists(path):
         raise DataError(f"{path}: manifest not found")
+    fileutil.raise_csv_field_size_limit()
     reader = csv.DictReader(io.StringIO(fileutil.read_text(path)))
     missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:

@@ -204,6 +204,7 @@ class ValidationAP(keras.callbacks.Callback):
         rows: list[list[str]] = []
         if fileutil.exists(csv_path):
             text = fileutil.read_text(csv_path)
+            fileutil.raise_csv_field_size_limit()
             rows = [r for r in list(csv.reader(io.StringIO(text)))[1:] if r and int(r[0]) < epoch]  # drop re-done epochs
         rows.append([str(epoch), f"{result['val_map']:.6f}", f"{result['val_macro_auc']:.6f}",
                      *("" if not np.isfinite(v) else f"{v:.6f}" for v in result["ap"])])

@@ -84,13 +84,16 @@ def _logging(quiet: bool) -> None:
 
 def build_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     quiet_tensorflow()
-    a = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    a = parser.parse_args(argv)
+    name = parser.prog
     _logging(a.quiet)
     if not a.masks_dir:
         from hpa_tf.segmentation import preload
 
         preload(a.segmenter)  # hpacellseg: PyTorch's stack must be imported before TensorFlow
     from hpa_tf.crops import CropSpec, CropSpecError
+    from hpa_tf.fileutil import describe_write_error
     from hpa_tf.io import CsvFormatError
     from hpa_tf.labels import LabelError
     from tfrecord_builder import BuildError, BuildOptions, build
@@ -108,11 +111,17 @@ def build_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
         )
         result = build(options, progress=not a.no_progress, max_shards=a.max_shards)
     except (BuildError, LabelError, CsvFormatError, CropSpecError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a full disk, no permission: one line, not a traceback
+        line = describe_write_error(e, a.out)
+        if line is None:
+            raise
+        print(f"{name}: error: {line}", file=sys.stderr)
         return 2
     print(result.line())
     if result.complete and result.cells == 0:
-        print(f"error: nothing could be built; see {a.out}/skipped.csv", file=sys.stderr)
+        print(f"{name}: error: nothing could be built; see {a.out}/skipped.csv", file=sys.stderr)
         return 1
     return 0
 
@@ -121,11 +130,15 @@ def verify_main(argv: Sequence[str] | None = None, prog: str | None = None) -> i
     quiet_tensorflow()
     a = verify_parser(prog).parse_args(argv)
     _logging(a.quiet)
-    from tfrecord_builder.verify import verify
+    from tfrecord_builder.verify import NotAShardSetError, verify
 
-    report = verify(a.out, sample=a.sample)
+    try:
+        report = verify(a.out, sample=a.sample)
+    except NotAShardSetError as e:
+        print(f"{prog or 'python -m tfrecord_builder verify'}: error: {e}", file=sys.stderr)
+        return 2
     for problem in report.problems:
-        print(f"MISMATCH: {problem}", file=sys.stderr)
+        print(f"{'CORRUPT' if problem in report.corrupt else 'MISMATCH'}: {problem}", file=sys.stderr)
     state = "OK" if report.ok else f"FAILED ({len(report.problems)} problem(s))"
     print(f"{state}: {report.shards} shards, {report.records} records, {report.manifest_rows} manifest rows, "
           f"{report.decoded} crops decoded")
