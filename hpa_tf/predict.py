@@ -104,7 +104,11 @@ def load_models(paths: Sequence[str]) -> list[ClassifierSpec]:
     for path in paths:
         if not Path(path).is_file():
             raise PredictError(f"model file not found: {path}")
-        model, config = load_model(path)
+    for path in paths:
+        try:
+            model, config = load_model(path)
+        except ValueError as e:  # not a Keras model, or a model.json that disagrees with it
+            raise PredictError(str(e)) from None
         if config is None:
             raise PredictError(f"{path}: no model.json beside it: its crop spec and channels are unknown")
         try:
@@ -274,14 +278,15 @@ def run(config: PredictConfig, segmenter=None, on_crops: CropsHook | None = None
 
     preload(config.segmenter)  # hpacellseg: PyTorch's stack before TensorFlow
     enable_memory_growth()  # let PyTorch (hpacellseg) share the GPU
+    # every check before the cache folder exists: a refused start leaves nothing behind
     requested = _requested(config)
+    classifiers = [Classifier(m, config.batch_size) for m in load_models(config.models)]
     cache = _cache_dir(config)
     if segmenter is None:
         segmenter = _LazySegmenter(config)
         if _needs_segmenter(config, requested, cache):
             segmenter.build()  # a segmenter that cannot be made stops the run before any output
     cache.mkdir(parents=True, exist_ok=True)
-    classifiers = [Classifier(m, config.batch_size) for m in load_models(config.models)]
 
     bar = None
     if config.progress:

@@ -41,12 +41,19 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     from hpa_tf.segmentation import preload
 
     preload(config.segmenter)  # hpacellseg: PyTorch's stack must be imported before TensorFlow
+    from hpa_tf.fileutil import describe_write_error
     from hpa_tf.predict import PredictError, run
 
     try:
         s = run(config)
     except (PredictError, FileNotFoundError, ValueError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a full disk, no permission: one line, not a traceback
+        line = describe_write_error(e, config.out)
+        if line is None:
+            raise
+        print(f"{name}: error: {line}", file=sys.stderr)
         return 2
     per = s["seconds_per_field"]
     print(
