@@ -116,6 +116,11 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings) -> dict:
                     tensorboard=False, verbose=2)
     )
     model_path = trained.best_path or trained.last_path
+    if trained.epochs_completed > trained.initial_epoch:
+        best = f", best {trained.monitor} {trained.best_value:.3f}" if trained.best_value is not None else ""
+        print(f"  {trained.epochs_completed} epoch(s){best} -> {model_path}")
+    else:
+        print(f"  already trained ({trained.epochs_completed} epochs), kept")
     done("train", t0, trained.epochs_completed > trained.initial_epoch)
 
     # 4. prediction --------------------------------------------------------------------------------
@@ -126,7 +131,8 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings) -> dict:
     predicted = run(PredictConfig(test_dir=str(data / "test"), models=[model_path], out=str(submission),
                                   sample_submission=str(data / "sample_submission.csv"),
                                   image_weight=settings.image_weight, batch_size=64))
-    print(f"  {predicted['fields']} fields, {predicted['cells']} cells -> {submission}")
+    kept = ", all from the cache, kept" if predicted["cached"] == predicted["fields"] else ""
+    print(f"  {predicted['fields']} fields, {predicted['cells']} cells -> {submission}{kept}")
     done("predict", t0, predicted["cached"] < predicted["fields"])
 
     # 5. metric --------------------------------------------------------------------------------

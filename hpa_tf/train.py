@@ -13,15 +13,15 @@ input      ``hpa_tf.shardset``: shards of the training folds and the held-out fo
            only decodes, resizes and batches; ``augment_on="host"`` does them in tf.data.
 model      built (``hpa_tf.model.build_model``, or ``hpa_tf.backbones`` for ``tiny_cnn``) and
            compiled under ``strategy.scope()``: AdamW, linear warm-up then cosine decay
-           (``CosineDecay(warmup_target=…)``), ``BinaryFocalCrossentropy``, multi-label AUC and
-           macro F1 as weighted metrics (padded validation rows carry weight 0).
+           (``CosineDecay(warmup_target=…)``), ``BinaryFocalCrossentropy``, macro F1 as a weighted
+           metric (padded validation rows carry weight 0).
 callbacks  non-finite loss → ``NonFiniteLossError`` (before anything is saved); per-class average
            precision over every validation example, by the competition's definition
            (``validation_ap``: ``val_map``; also ``val_macro_auc``, ``val_ap.csv``); ``last.keras`` +
            ``state.json`` every epoch and ``best.keras`` on improvement (atomic writes), each with
            its ``.json`` and a ``model.json`` (``hpa_tf.model.model_config``, the one writer: the
            crop spec the pipeline used, channels, normalisation, training) that tells the predictor
-           how the model was trained; ``log.csv``; TensorBoard under ``tensorboard/``.
+           how the model was trained; ``log.csv`` (epochs from 1); TensorBoard under ``tensorboard/``.
 resume     ``resume=True`` rebuilds the model, loads ``last.keras`` (weights AND optimizer slots and
            step count) and continues at the epoch after the last completed one.
 """
@@ -50,7 +50,7 @@ from hpa_tf import model as hpa_model
 from hpa_tf.backbones import build_classifier, check_backbone, is_tiny
 from hpa_tf.balance import repeat_factors
 from hpa_tf.config import AugmentConfig, TrainConfig
-from hpa_tf.labels import CLASS_NAMES, NUM_CLASSES, SHORT_NAMES
+from hpa_tf.labels import CLASS_NAMES, SHORT_NAMES
 from hpa_tf.metric import average_precision as competition_ap
 
 log = logging.getLogger(__name__)
@@ -259,6 +259,21 @@ class EpochCheckpoint(keras.callbacks.Callback):
         fileutil.write_json(fileutil.join(self.out, STATE_NAME), state, indent=2)
 
 
+class EpochCSVLogger(keras.callbacks.CSVLogger):
+    """Keras' ``CSVLogger`` with epochs counted from 1, as ``val_ap.csv``, ``state.json`` and the log
+    lines count them (Keras' own counts from 0)."""
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        super().on_epoch_end(epoch + 1, logs)
+
+
+#: What the per-epoch figures mean (logged when a run starts).
+METRICS_NOTE = ("per epoch: loss = focal loss; f1 = Keras macro F1 at threshold 0.5 over all 19 classes (a class "
+                "absent from the data counts 0); val_map = mean per-class AP over the validation fold's classes, by "
+                "the competition's definition; val_macro_auc = mean per-class ROC AUC over the classes with "
+                "positives and negatives")
+
+
 def _jsonable(value: Any) -> Any:
     try:
         value = float(value)
@@ -329,11 +344,10 @@ def compile_model(model: keras.Model, config: TrainConfig, total_steps: int, war
     model.compile(
         optimizer=optimizer,
         loss=loss,
-        # weighted: validation batches are padded to a static shape and the padding has weight 0
-        weighted_metrics=[
-            keras.metrics.AUC(multi_label=True, num_labels=NUM_CLASSES, name="auc"),
-            keras.metrics.F1Score(average="macro", threshold=0.5, name="f1"),
-        ],
+        # weighted: validation batches are padded to a static shape and the padding has weight 0.
+        # No Keras AUC: its multi-label mean counts every class absent from the fold as 0 (about 0.05
+        # on a small fold); ValidationAP's val_macro_auc averages the classes that have both kinds.
+        weighted_metrics=[keras.metrics.F1Score(average="macro", threshold=0.5, name="f1")],
         steps_per_execution=int(config.steps_per_execution),
         jit_compile=JIT_COMPILE[config.jit_compile],
     )
@@ -472,7 +486,7 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
     checkpoint = EpochCheckpoint(out, describe, monitor, best=(state or {}).get("best"),
                                  extra_state={"global_batch": global_batch, "steps_per_epoch": steps_per_epoch})
     callback_list.append(checkpoint)
-    callback_list.append(keras.callbacks.CSVLogger(fileutil.join(out, "log.csv"), append=initial_epoch > 0))
+    callback_list.append(EpochCSVLogger(fileutil.join(out, "log.csv"), append=initial_epoch > 0))
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         log.warning("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
     elif config.tensorboard:
@@ -481,6 +495,7 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
     callback_list.extend(callbacks)
 
     # ---- loop ----------------------------------------------------------------------------------
+    log.info(METRICS_NOTE)
     history: dict[str, list[float]] = {}
     if initial_epoch >= config.epochs:
         log.info("%s: %d of %d epochs already done; nothing to train", out, initial_epoch, config.epochs)

@@ -53,7 +53,8 @@ def test_mirrored_strategy_over_two_cpus_trains_and_writes_the_run_folder(shards
     names = set(os.listdir(tmp_path))
     assert {"best.keras", "best.json", "last.keras", "last.json", "model.json", "state.json", "log.csv",
             "val_ap.csv", "val_ap.json", "train_config.json"} <= names
-    assert len(_read_csv(tmp_path / "log.csv")) == 3
+    assert [r["epoch"] for r in _read_csv(tmp_path / "log.csv")] == ["1", "2", "3"]  # from 1, as val_ap.csv
+    assert "val_auc" not in _read_csv(tmp_path / "log.csv")[0]  # no Keras AUC beside val_macro_auc
     assert [r["epoch"] for r in _read_csv(tmp_path / "val_ap.csv")] == ["1", "2", "3"]
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["epoch"] == 3 and state["global_batch"] == 16
@@ -69,7 +70,7 @@ def test_mirrored_strategy_over_two_cpus_trains_and_writes_the_run_folder(shards
     assert info["training"]["augment_on"] == "device"
     assert info["augment"] == {"flip": True, "rotate90": True, "brightness": 0.05, "contrast": 0.1, "seed": 0}
     assert result.model.get_layer("augment").contrast == 0.1
-    assert "val_map" in info["val_metrics"] and "val_auc" in info["val_metrics"]
+    assert {"val_map", "val_macro_auc", "val_f1", "val_loss"} == set(info["val_metrics"])
     per_class = json.loads((tmp_path / "val_ap.json").read_text())["ap"]
     assert per_class["Nucleoplasm"] is not None and per_class["Mitotic spindle"] is None  # no positives: no AP
     # the predictor's loader reads the best model and its description
@@ -120,7 +121,7 @@ def test_resume_continues_at_the_next_epoch_with_the_same_optimizer_state(shards
         assert np.abs(slots[key]).sum() > 0
         np.testing.assert_array_equal(resumed_slots[key], slots[key])
     assert int(result.model.optimizer.iterations.numpy()) == 3 * 3
-    assert [r["epoch"] for r in _read_csv(tmp_path / "log.csv")] == ["0", "1", "2"]  # appended, not restarted
+    assert [r["epoch"] for r in _read_csv(tmp_path / "log.csv")] == ["1", "2", "3"]  # appended, not restarted
     assert json.loads((tmp_path / "state.json").read_text())["epoch"] == 3
     # nothing left to do: a further resume returns at once
     again = train.train(_config(shards, tmp_path, epochs=3, steps_per_epoch=3, val_fold=1, resume=True))
