@@ -282,6 +282,18 @@ def read_error_reason(exc: BaseException) -> str:
     return text.replace("' failed with ", ": ").strip() or type(exc).__name__
 
 
+def scan_shard(path: str | os.PathLike) -> tuple[int, str | None]:
+    """Read every record of a shard (checksums included, nothing decoded): ``(records, None)`` for a
+    whole shard, ``(records read before the damage, reason)`` for a corrupt or truncated one."""
+    n = 0
+    try:
+        for batch in tf.data.TFRecordDataset(str(path)).batch(4096):
+            n += int(batch.shape[0])
+    except tf.errors.OpError as e:
+        return n, read_error_reason(e)
+    return n, None
+
+
 def _discard(path: str) -> None:
     """Remove a temporary file, never raising (it may be gone, or the file system may be failing)."""
     with contextlib.suppress(Exception):

@@ -28,6 +28,7 @@ resume     ``resume=True`` rebuilds the model, loads ``last.keras`` (weights AND
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import importlib.util
@@ -47,6 +48,7 @@ import tensorflow as tf
 from hpa_tf import data as hpa_data
 from hpa_tf import distribute, fileutil, shardset
 from hpa_tf import model as hpa_model
+from hpa_tf import records as hpa_records
 from hpa_tf.backbones import build_classifier, check_backbone, is_tiny
 from hpa_tf.balance import repeat_factors
 from hpa_tf.config import AugmentConfig, TrainConfig
@@ -378,6 +380,20 @@ def _model_description(config: TrainConfig, split: shardset.FoldSplit, policy: s
     return describe
 
 
+@contextlib.contextmanager
+def _naming_damaged_shards(split: shardset.FoldSplit):
+    """Turn TensorFlow's read error of a damaged shard (which names no file) into a DataError naming
+    the shard: the split's shards are read once to find it (only after such an error)."""
+    try:
+        yield
+    except tf.errors.DataLossError as e:
+        log.error("a shard could not be read (%s); finding which", hpa_records.read_error_reason(e))
+        damaged = shardset.find_damaged_shards([*split.train_shards, *split.val_shards])
+        if not damaged:
+            raise
+        raise shardset.damaged_shard_error(split, damaged) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------------------------
@@ -414,6 +430,8 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
 
     # ---- input ---------------------------------------------------------------------------------
     split = shardset.split_folds(config.data, config.val_fold, manifest=config.manifest, train_folds=config.train_folds)
+    if config.skip_corrupt_shards:
+        split, _ = shardset.without_damaged_shards(split)
     steps_per_epoch = int(config.steps_per_epoch or split.n_train // global_batch)
     if steps_per_epoch < 1:
         raise shardset.DataError(
@@ -436,7 +454,8 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
     val_ds = val_labels = None
     if split.val_shards:
         val_ds = hpa_data.make_dataset(split.val_shards, inputs, training=False, n_examples=split.n_val)
-        val_labels = hpa_data.eval_labels(split.val_shards)
+        with _naming_damaged_shards(split):
+            val_labels = hpa_data.eval_labels(split.val_shards)
         if len(val_labels) != split.n_val:
             raise shardset.DataError(f"{split.data_dir}: validation shards hold {len(val_labels)} records, "
                                      f"the manifest says {split.n_val}")
@@ -500,8 +519,10 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
     if initial_epoch >= config.epochs:
         log.info("%s: %d of %d epochs already done; nothing to train", out, initial_epoch, config.epochs)
     else:
-        fit = model.fit(train_ds, epochs=config.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
-                        validation_data=val_ds, callbacks=callback_list, verbose=config.verbose, shuffle=False)
+        with _naming_damaged_shards(split):
+            fit = model.fit(train_ds, epochs=config.epochs, initial_epoch=initial_epoch,
+                            steps_per_epoch=steps_per_epoch, validation_data=val_ds, callbacks=callback_list,
+                            verbose=config.verbose, shuffle=False)
         history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
     best_path = fileutil.join(out, BEST_NAME)
     return TrainResult(

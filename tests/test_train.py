@@ -241,6 +241,57 @@ def test_a_refused_start_is_one_line_and_leaves_no_run_folder(shards, tmp_path, 
     assert not out.exists() and not (tmp_path / "runs").exists()
 
 
+def _damage(shard, how: str) -> None:
+    data = bytearray(shard.read_bytes())
+    if how == "truncated":
+        shard.write_bytes(bytes(data[: len(data) - 300]))
+    else:
+        data[len(data) // 2: len(data) // 2 + 16] = b"\xff" * 16
+        shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("fold, how", [(1, "truncated"), (0, "corrupt")])  # a training shard, a validation shard
+def test_a_damaged_shard_stops_training_with_one_line_naming_it(shards, tmp_path, capsys, fold, how):
+    import shutil
+    from pathlib import Path
+
+    data = tmp_path / "shards"
+    shutil.copytree(shards, data)
+    shard = sorted(data.glob(f"fold{fold}-*.tfrec"))[0]
+    _damage(shard, how)
+    args = ["--data", str(data), "--out", str(tmp_path / "run"), "--strategy", "cpu", "--backbone", "tiny_cnn",
+            "--image-size", "32", "--batch-size", "16", "--epochs", "1", "--steps-per-epoch", "2", "--val-fold", "0",
+            "--no-tensorboard", "--verbose", "0"]
+    assert train_cli.main(args, prog="python -m hpa_tf train") == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if ": error:" in line or "Traceback" in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"python -m hpa_tf train: error: {shard}: ")
+    assert "corrupt or truncated shard" in lines[0] and "--skip-corrupt-shards" in lines[0]
+    assert not (Path(tmp_path / "run") / "last.keras").exists()
+
+
+def test_skip_corrupt_shards_trains_without_them_and_counts_them(shards, tmp_path, caplog):
+    import logging
+    import shutil
+
+    data = tmp_path / "shards"
+    shutil.copytree(shards, data)
+    bad_train, bad_val = sorted(data.glob("fold1-*.tfrec"))[0], sorted(data.glob("fold0-*.tfrec"))[-1]
+    _damage(bad_train, "corrupt")
+    _damage(bad_val, "truncated")
+    split = shardset.split_folds(str(data), val_fold=0)
+    with caplog.at_level(logging.WARNING, logger="hpa_tf.shardset"):
+        result = train.train(_config(str(data), tmp_path / "run", epochs=1, steps_per_epoch=2, val_fold=0,
+                                     skip_corrupt_shards=True))
+    lost_train, lost_val = shardset.parse_shard_name(bad_train)[2], shardset.parse_shard_name(bad_val)[2]
+    assert result.n_train == split.n_train - lost_train and result.n_val == split.n_val - lost_val
+    assert result.epochs_completed == 1
+    text = caplog.text
+    assert f"skipping {bad_train}: corrupt or truncated shard" in text and f"skipping {bad_val}" in text
+    assert f"skipped 2 damaged shard(s) of {len(split.train_shards) + len(split.val_shards)}" in text
+
+
 def test_every_setting_is_a_flag_with_its_default():
     """The command line is derived from TrainConfig: each field is a flag, parsing nothing but the
     required flags gives TrainConfig's own defaults, and --help shows each default."""
