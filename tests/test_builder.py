@@ -240,7 +240,7 @@ def test_limit_builds_the_first_ids_with_folds_over_all(dataset, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_bad_fields_are_skipped_and_listed_with_builtin_segmenter(dataset, tmp_path):
+def test_bad_fields_are_skipped_and_listed_with_builtin_segmenter(dataset, tmp_path, capfd):
     ids = sorted(read_labels(dataset / "train.csv"))[:4]
     data = tmp_path / "train"
     data.mkdir()
@@ -249,7 +249,10 @@ def test_bad_fields_are_skipped_and_listed_with_builtin_segmenter(dataset, tmp_p
             shutil.copy(dataset / "train" / f"{image_id}_{ch}.png", data)
     missing, corrupt, dark, good = ids
     (data / f"{missing}_yellow.png").unlink()
-    (data / f"{corrupt}_green.png").write_bytes(b"\x89PNG not really")
+    png = bytearray((data / f"{corrupt}_green.png").read_bytes())  # image data damaged: libpng complains
+    idat = png.index(b"IDAT") + 8
+    png[idat + 20: idat + 60] = bytes(range(40))
+    (data / f"{corrupt}_green.png").write_bytes(bytes(png))
     for ch in ("red", "green", "blue", "yellow"):
         tf.io.write_file(str(data / f"{dark}_{ch}.png"), tf.io.encode_png(tf.zeros((256, 256, 1), tf.uint8)))
     labels = tmp_path / "train.csv"
@@ -263,6 +266,8 @@ def test_bad_fields_are_skipped_and_listed_with_builtin_segmenter(dataset, tmp_p
     assert set(skipped) == {missing, corrupt, dark, "absent-id"}
     assert skipped[missing]["kind"] == "bad channel file" and "yellow" in skipped[missing]["reason"]
     assert skipped[corrupt]["kind"] == "bad channel file" and "green" in skipped[corrupt]["reason"]
+    assert "libpng" in skipped[corrupt]["reason"]  # the decoder's message is in skipped.csv ...
+    assert "libpng" not in capfd.readouterr().err  # ... not on the terminal (in the progress bar)
     assert skipped[dark]["kind"] == "no cells"
     assert skipped["absent-id"]["kind"] == "not in data dir"
     assert {r["image_id"] for r in _manifest(out)} == {good}
