@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 some field failed, 2 bad arguments)."""
     from hpa_tf.cli import quiet_tensorflow
 
-    quiet_tensorflow()  # the hpacellseg backend may import TensorFlow's neighbours; keep the C++ log quiet
+    quiet_tensorflow()  # before anything imports TensorFlow (as the predictor does in the same process)
     from tqdm import tqdm
 
     from hpa_tf.io import ImageReadError, list_image_ids, read_rgby, write_label_image, write_png
