@@ -284,6 +284,22 @@ def _rows(reader: csv.DictReader, path: str | os.PathLike) -> Iterator[dict]:
         raise CsvFormatError(f"{path} line {reader.line_num + 1}: unreadable CSV ({exc})") from None
 
 
+def read_sources(path: str | os.PathLike) -> dict[str, str]:
+    """The ``Source`` column of a label file (``ID,Label,Source,…``, as ``hpa_tf.download`` writes it):
+    ``{ID: source}`` for the rows with a non-empty value; ``{}`` when the file has no such column."""
+    raise_csv_field_size_limit()
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if "Source" not in (reader.fieldnames or []):
+            return {}
+        sources = {}
+        for row in reader:
+            image_id, source = (row.get("ID") or "").strip(), (row.get("Source") or "").strip()
+            if image_id and source:
+                sources[image_id] = source
+        return sources
+
+
 @dataclass(frozen=True)
 class SampleRow:
     image_id: str

@@ -429,33 +429,47 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
     replicas = int(strategy.num_replicas_in_sync)
 
     # ---- input ---------------------------------------------------------------------------------
-    split = shardset.split_folds(config.data, config.val_fold, manifest=config.manifest, train_folds=config.train_folds)
+    split = shardset.split_folds(config.data, config.val_fold, manifest=config.manifest, train_folds=config.train_folds,
+                                 sources=config.sources)
     if config.skip_corrupt_shards:
         split, _ = shardset.without_damaged_shards(split)
-    steps_per_epoch = int(config.steps_per_epoch or split.n_train // global_batch)
+    source_weights = dict(config.source_weights or ())
+    n_train, class_counts = split.n_train, split.class_counts
+    if source_weights:  # training records of a source drawn W times on average: count them so
+        if split.manifest is None:
+            raise shardset.DataError(f"{split.data_dir}: --source-weights needs manifest.csv (the records' sources)")
+        unknown = sorted(set(source_weights) - set(split.manifest.sources()))
+        if unknown:
+            raise shardset.DataError(f"{split.manifest.path}: no record of source(s) {unknown} "
+                                     f"(sources present: {split.manifest.sources()})")
+        weighted, class_counts = split.manifest.weighted_counts(split.train_folds, split.sources, source_weights)
+        n_train = int(round(weighted))
+        log.info("source weights %s: %d training records count as %d", source_weights, split.n_train, n_train)
+    steps_per_epoch = int(config.steps_per_epoch or n_train // global_batch)
     if steps_per_epoch < 1:
         raise shardset.DataError(
-            f"{split.data_dir}: {split.n_train} training examples make no full global batch of {global_batch} "
+            f"{split.data_dir}: {n_train} training examples make no full global batch of {global_batch} "
             f"({config.batch_size} per replica × {replicas} replicas): lower --batch-size or add data"
         )
     balance = None
     if config.balance:
         if split.manifest is None:
             raise shardset.DataError(f"{split.data_dir}: --balance needs manifest.csv (class counts of the training folds)")
-        balance = repeat_factors(split.class_counts, split.n_train, config.balance_threshold)
+        balance = repeat_factors(class_counts, max(n_train, 1), config.balance_threshold)
         log.info("class balance: repeat factors %s", dict(zip(SHORT_NAMES, np.round(balance, 2).tolist())))
     augment, model_augment = host_augmentation(config)
     # the crops' size is the shard set's crop spec, the same object model.json records (describe below)
     inputs = hpa_data.InputConfig(crop_size=split.crop.size, image_size=config.image_size, batch_size=global_batch,
                                   channels=config.channels, augment=augment,
                                   balance=None if balance is None else tuple(balance.tolist()),
+                                  sources=split.sources, source_weights=tuple(source_weights.items()),
                                   shuffle_buffer=config.shuffle_buffer, seed=config.seed)
     train_ds = hpa_data.make_dataset(split.train_shards, inputs, training=True)
     val_ds = val_labels = None
     if split.val_shards:
         val_ds = hpa_data.make_dataset(split.val_shards, inputs, training=False, n_examples=split.n_val)
         with _naming_damaged_shards(split):
-            val_labels = hpa_data.eval_labels(split.val_shards)
+            val_labels = hpa_data.eval_labels(split.val_shards, sources=split.sources)
         if len(val_labels) != split.n_val:
             raise shardset.DataError(f"{split.data_dir}: validation shards hold {len(val_labels)} records, "
                                      f"the manifest says {split.n_val}")

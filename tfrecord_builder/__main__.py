@@ -14,9 +14,12 @@ example:
   python -m tfrecord_builder --data-dir data/train --labels data/train.csv --out records \\
       --crop-size 512 --segmenter builtin --workers 4 --folds 5
   python -m tfrecord_builder verify records
+  python -m tfrecord_builder --runner beam --data-dir gs://B/train --labels train.csv --out gs://B/records \
+      --beam-options "--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp \
+      --setup_file=./setup.py"
 
 A killed run resumes when started again with the same arguments; an output made with other
-content-defining arguments is refused. OUT may be a local folder or a gs:// path.
+content-defining arguments is refused. OUT may be a local folder or a gs:// path; with --runner beam, so may --data-dir and --masks-dir.
 """
 
 
@@ -46,7 +49,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="hpacellseg device: auto (the GPU when PyTorch sees one, else the CPU), cpu, cuda or cuda:N "
                    "(default auto)")
     p.add_argument("--masks-dir", help="reuse saved masks {ID}_cells.png (uint16 label images) instead of segmenting")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1; use the number of cores)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes (default 1; use the number of cores; with --runner beam and no "
+                   "--beam-options: the DirectRunner's workers)")
+    p.add_argument("--runner", default="local", choices=["local", "beam"],
+                   help="local: this machine's process pool; beam: an Apache Beam pipeline (pip install .[beam]) "
+                   "that builds the same shard set (default local)")
+    p.add_argument("--beam-options", action="append", default=[], metavar="'OPTIONS'",
+                   help="Beam pipeline options in one quoted string, e.g. '--runner=DataflowRunner --project=P "
+                   "--region=R --temp_location=gs://B/tmp --setup_file=./setup.py' (default: the local "
+                   "DirectRunner); may be repeated")
     p.add_argument("--shard-mb", type=float, default=150.0, help="target shard size in MB (default 150)")
     p.add_argument("--images-per-shard", type=int, help="images per shard (overrides --shard-mb's estimate)")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
@@ -58,7 +70,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality (default 90)")
     p.add_argument("--limit", type=int, help="build only the first N images by sorted ID (folds still use all)")
     p.add_argument("--min-cell-area", type=int, default=0, help="drop cells smaller than this many pixels (default 0)")
-    p.add_argument("--source", default="train", help="source name stored in every record (default train)")
+    p.add_argument("--source", default="train",
+                   help="source name stored in the records of fields whose label-file row has no Source value "
+                   "(default train; the downloader's train.csv says hpa-public per row)")
     p.add_argument("--max-shards", type=int, help="stop after building this many shards (resume later)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -82,10 +96,25 @@ def _logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
 
 
+def _join_beam_options(argv: Sequence[str]) -> list[str]:
+    """``--beam-options VALUE`` → ``--beam-options=VALUE``: the value starts with ``--`` (and may
+    hold ``--runner=…``, which is also this command's flag), so argparse would not take it as a value."""
+    out, args = [], list(argv)
+    i = 0
+    while i < len(args):
+        if args[i] == "--beam-options" and i + 1 < len(args):
+            out.append(f"--beam-options={args[i + 1]}")
+            i += 2
+            continue
+        out.append(args[i])
+        i += 1
+    return out
+
+
 def build_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     quiet_tensorflow()
     parser = build_parser(prog)
-    a = parser.parse_args(argv)
+    a = parser.parse_args(_join_beam_options(list(sys.argv[1:] if argv is None else argv)))
     name = parser.prog
     _logging(a.quiet)
     if not a.masks_dir:
@@ -98,8 +127,10 @@ def build_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
     from hpa_tf.labels import LabelError
     from tfrecord_builder import BuildError, BuildOptions, build
 
-    seg_options = {k: v for k, v in (("nuclei_model", a.nuclei_model), ("cell_model", a.cell_model),
-                                     ("device", a.device)) if v is not None}
+    seg_options = {}
+    if a.segmenter == "hpacellseg":  # the builtin backend takes none of these
+        seg_options = {k: v for k, v in (("nuclei_model", a.nuclei_model), ("cell_model", a.cell_model),
+                                         ("device", a.device)) if v is not None}
     try:
         crop = CropSpec(size=a.crop_size, margin=a.margin, mask_neighbors=a.mask_neighbors)
         options = BuildOptions(
@@ -107,7 +138,7 @@ def build_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
             segmenter_options=seg_options, masks_dir=a.masks_dir, workers=a.workers, shard_mb=a.shard_mb,
             images_per_shard=a.images_per_shard, folds=a.folds, seed=a.seed, encoding=a.encoding,
             png_compression=a.png_compression, jpeg_quality=a.jpeg_quality, limit=a.limit,
-            min_cell_area=a.min_cell_area, source=a.source,
+            min_cell_area=a.min_cell_area, source=a.source, runner=a.runner, beam_options=tuple(a.beam_options),
         )
         result = build(options, progress=not a.no_progress, max_shards=a.max_shards)
     except (BuildError, LabelError, CsvFormatError, CropSpecError) as e:

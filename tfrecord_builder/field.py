@@ -107,6 +107,7 @@ def encode_field(
     fold: int,
     options: BuildOptions,
     segmenter: object | None = None,
+    source: str | None = None,
 ) -> FieldResult:
     """Read, segment, crop and encode one field of view.
 
@@ -117,6 +118,7 @@ def encode_field(
         ``min_cell_area``, ``source`` and the encoding settings are used.
     segmenter : an object with ``segment(image) -> (cells, nuclei)``; not used (may be None) when
         ``options.masks_dir`` is set.
+    source : the field's ``source`` (its label-file row's ``Source``); None: ``options.source``.
 
     Returns
     -------
@@ -131,6 +133,7 @@ def encode_field(
     if cells is None:
         return FieldResult(image_id, skip=skip)
     height, width = image.shape[:2]
+    source = options.source if source is None else source
     labels_text = format_labels(labels)
     examples, rows = [], []
     dropped = 0
@@ -141,11 +144,11 @@ def encode_field(
             bbox = [int(v) for v in batch.bboxes[k]]
             examples.append(encode_example(
                 batch.crops[k], batch.masks[k], labels, image_id, cell_id, bbox, (height, width),
-                fold=fold, source=options.source, encoding=options.encoding,
+                fold=fold, source=source, encoding=options.encoding,
                 jpeg_quality=options.jpeg_quality, png_compression=options.png_compression,
             ))
             rows.append((image_id, cell_id, int(fold), labels_text, None, None, int(batch.areas[k]),
-                         *bbox, height, width, options.source))
+                         *bbox, height, width, source))
     if not examples:
         n_small = find_cells(cells, min_area=options.min_cell_area).n_dropped
         reason = "no cells" if n_small == 0 else f"no cells of at least {options.min_cell_area} px ({n_small} smaller)"

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from hpa_tf.crops import CropSpec
+from hpa_tf.fileutil import is_remote
 
 #: Version of the build config's layout (2: the crop spec is one ``crop`` entry).
 FORMAT_VERSION = 2
@@ -43,7 +44,12 @@ class BuildOptions:
     encoding, png_compression, jpeg_quality : crop encoding (``hpa_tf.records.encode_example``).
     limit : build only the first ``limit`` images by sorted ID (folds still over all of them).
     min_cell_area : cells with fewer pixels (original resolution) are dropped and counted.
-    source : the ``source`` feature of every record (e.g. ``train``, ``hpa-public``).
+    source : the ``source`` feature of records whose label-file row has no ``Source`` value
+        (e.g. ``train``; the downloader's label file says ``hpa-public`` per row).
+    runner : ``local`` (this machine: a process pool) or ``beam`` (an Apache Beam pipeline:
+        ``tfrecord_builder.beam_runner``); both build the same shard set.
+    beam_options : Beam pipeline options (``--runner=DataflowRunner --project=…``); with
+        ``runner="beam"`` only (empty: the local DirectRunner with ``workers`` workers).
     """
 
     data_dir: str
@@ -64,6 +70,12 @@ class BuildOptions:
     limit: int | None = None
     min_cell_area: int = 0
     source: str = "train"
+    runner: str = "local"
+    beam_options: tuple[str, ...] = ()
+
+
+#: Runners of a build (``BuildOptions.runner``).
+RUNNERS: tuple[str, ...] = ("local", "beam")
 
 
 def check_options(options: BuildOptions) -> None:
@@ -89,14 +101,28 @@ def check_options(options: BuildOptions) -> None:
         problems.append(f"images per shard must be >= 1, got {options.images_per_shard}")
     if options.shard_mb <= 0:
         problems.append(f"shard size must be > 0 MB, got {options.shard_mb}")
-    if not os.path.isdir(options.data_dir):
-        problems.append(f"data dir {options.data_dir} is not a folder")
+    if options.runner not in RUNNERS:
+        problems.append(f"runner must be one of {RUNNERS}, got {options.runner!r}")
+    if options.beam_options and options.runner != "beam":
+        problems.append("beam options need runner beam")
+    # remote inputs (gs://…) are read by the Beam runner through Beam's file systems; it checks them
+    for what, path in (("data dir", options.data_dir), ("masks dir", options.masks_dir)):
+        if path is None:
+            continue
+        if is_remote(path):
+            if options.runner != "beam":
+                problems.append(f"{what} {path} is remote: only --runner beam reads fields from remote storage")
+        elif not os.path.isdir(path):
+            problems.append(f"{what} {path} is not a folder")
     if not os.path.isfile(options.labels):
         problems.append(f"labels file {options.labels} not found")
-    if options.masks_dir is not None and not os.path.isdir(options.masks_dir):
-        problems.append(f"masks dir {options.masks_dir} is not a folder")
     if problems:
         raise BuildError("; ".join(problems))
+
+
+def _where(path: str) -> str:
+    """A local path made absolute; a remote one as it is."""
+    return str(path) if is_remote(path) else os.path.abspath(path)
 
 
 def _sha256(path: str) -> str:
@@ -133,11 +159,11 @@ def content_config(options: BuildOptions, images_per_shard: int) -> dict:
         "min_cell_area": int(options.min_cell_area),
         "segmenter": "masks" if options.masks_dir else options.segmenter,
         "segmenter_options": {} if options.masks_dir else seg_opts,
-        "masks_dir": os.path.abspath(options.masks_dir) if options.masks_dir else None,
+        "masks_dir": _where(options.masks_dir) if options.masks_dir else None,
         "folds": int(options.folds),
         "seed": int(options.seed),
         "source": options.source,
-        "data_dir": os.path.abspath(options.data_dir),
+        "data_dir": _where(options.data_dir),
         "labels_file": os.path.abspath(options.labels),
         "labels_sha256": _sha256(options.labels),
         "limit": options.limit,
