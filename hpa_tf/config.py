@@ -144,6 +144,10 @@ class TrainConfig:
     contrast: float = setting(DEFAULT_AUGMENT.contrast, group="augmentation",
                               help="per-channel gain drawn from 1 ± contrast")
     shuffle_buffer: int = setting(1024, help="examples in the shuffle buffer", group="data")
+    skip_corrupt_shards: bool = setting(
+        False, group="data",
+        help="read every shard first and train without the corrupt or truncated ones, counted in the log "
+             "(off: a damaged shard stops the run with its name)")
     backbone: str = setting("efficientnet_b0", group="model",
                             help="efficientnet_b0..b7, efficientnet_v2_b0..b3/s/m/l, or tiny_cnn (small, for CPU runs)")
     image_size: int = setting(256, help="model input side in pixels (crops are resized to it)", group="model")

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of a demo run. ``quick`` finishes in about 3 minutes on 2 cores, ``default`` in 15."""
+    """Sizes of a demo run (``PRESETS``: ``default`` and the smaller ``quick``)."""
 
     train_fields: int = 160
     test_fields: int = 48
@@ -116,6 +116,11 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings) -> dict:
                     tensorboard=False, verbose=2)
     )
     model_path = trained.best_path or trained.last_path
+    if trained.epochs_completed > trained.initial_epoch:
+        best = f", best {trained.monitor} {trained.best_value:.3f}" if trained.best_value is not None else ""
+        print(f"  {trained.epochs_completed} epoch(s){best} -> {model_path}")
+    else:
+        print(f"  already trained ({trained.epochs_completed} epochs), kept")
     done("train", t0, trained.epochs_completed > trained.initial_epoch)
 
     # 4. prediction --------------------------------------------------------------------------------
@@ -126,7 +131,8 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings) -> dict:
     predicted = run(PredictConfig(test_dir=str(data / "test"), models=[model_path], out=str(submission),
                                   sample_submission=str(data / "sample_submission.csv"),
                                   image_weight=settings.image_weight, batch_size=64))
-    print(f"  {predicted['fields']} fields, {predicted['cells']} cells -> {submission}")
+    kept = ", all from the cache, kept" if predicted["cached"] == predicted["fields"] else ""
+    print(f"  {predicted['fields']} fields, {predicted['cells']} cells -> {submission}{kept}")
     done("predict", t0, predicted["cached"] < predicted["fields"])
 
     # 5. metric --------------------------------------------------------------------------------
@@ -202,6 +208,9 @@ def _write_report(out, settings, data, train_dir, model_path, built, trained, pr
     import csv
 
     truth: dict[tuple[str, int], list[int]] = {}
+    from hpa_tf.fileutil import raise_csv_field_size_limit
+
+    raise_csv_field_size_limit()
     with open(data / "truth.csv", newline="") as f:
         for row in csv.DictReader(f):
             truth[(row["ID"], int(row["CellId"]))] = [int(c) for c in row["Label"].split("|")]
@@ -297,18 +306,36 @@ def _write_report(out, settings, data, train_dir, model_path, built, trained, pr
     return figures
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hpa_tf demo", description=__doc__,
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The demo's command line (``prog``: the name its usage shows)."""
+    from hpa_tf.cli import plain
+
+    d, q = PRESETS["default"], PRESETS["quick"]
+
+    def preset(key: str) -> str:
+        return f"(default: {getattr(d, key)}; with --quick: {getattr(q, key)})"
+
+    p = argparse.ArgumentParser(prog=prog or "python -m hpa_tf demo", description=plain(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--quick", action="store_true", help="a small run (about 3 minutes on 2 cores)")
-    p.add_argument("--epochs", type=int, help="override the number of epochs")
-    p.add_argument("--backbone", help="override the backbone (e.g. efficientnet_b0, tiny_cnn)")
-    p.add_argument("--train-fields", type=int, help="override the number of training fields")
-    p.add_argument("--seed", type=int, help="override the seed")
+    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a small run: {q.train_fields} training and {q.test_fields} test fields of {q.size} px, "
+                        f"{q.epochs} epochs (default: {d.train_fields} and {d.test_fields} fields of {d.size} px, "
+                        f"{d.epochs} epochs)")
+    p.add_argument("--epochs", type=int, help=f"number of epochs {preset('epochs')}")
+    p.add_argument("--backbone", help=f"backbone, e.g. efficientnet_b0 or tiny_cnn {preset('backbone')}")
+    p.add_argument("--train-fields", type=int, help=f"number of training fields {preset('train_fields')}")
+    p.add_argument("--seed", type=int, help=f"seed of the data, folds and training {preset('seed')}")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    from hpa_tf.cli import quiet_tensorflow
+
+    quiet_tensorflow()  # CPU-only machines: hide CUDA-probe noise
+    p = build_parser(prog)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # CPU-only machines: hide CUDA-probe noise
     settings = PRESETS["quick" if a.quick else "default"]
     overrides = {k: v for k, v in (("epochs", a.epochs), ("backbone", a.backbone), ("train_fields", a.train_fields),
                                    ("seed", a.seed)) if v is not None}

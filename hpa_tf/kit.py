@@ -46,6 +46,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hpa_tf.cli import plain
+
 #: Never in a kit: the image's own stack (the kernel checks they are unchanged after the install).
 PROTECTED = ("tensorflow", "tensorflow-cpu", "tensorflow-intel", "tf-nightly", "keras", "tf-keras", "numpy", "torch",
              "torchvision", "tensorboard", "jax", "jaxlib")
@@ -540,7 +542,7 @@ def _size(path: Path) -> int:
 
 
 def build_parser(prog: str = "python -m hpa_tf kit") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="the kit folder to write")
     p.add_argument("--model", dest="models", nargs="+", required=True, metavar="MODEL",
                    help="one or more .keras models, each with its model.json beside it")
@@ -554,8 +556,9 @@ def build_parser(prog: str = "python -m hpa_tf kit") -> argparse.ArgumentParser:
     g.add_argument("--wheels-from", metavar="DIR",
                    help="take the wheels from this folder instead of downloading (an hpa_tf-*.whl there is the project's)")
     g.add_argument("--project-wheel", metavar="WHL", help="hpa-tf's wheel (default: built from the checkout)")
-    g.add_argument("--extra-wheel", dest="extra_wheels", action="append", default=[], metavar="WHL",
-                   help="another wheel for the kernel to install (--no-deps), e.g. a package the image lacks; repeatable")
+    g.add_argument("--extra-wheel", dest="extra_wheels", action="append", metavar="WHL",
+                   help="another wheel for the kernel to install (--no-deps), e.g. a package the image lacks; "
+                        "repeatable (default: none)")
     g = p.add_argument_group("hpacellseg (all four, or none: the built-in segmenter)")
     g.add_argument("--hpacellseg-src", metavar="ARCHIVE", help="HPA-Cell-Segmentation source archive")
     g.add_argument("--pytorch-zoo-src", metavar="ARCHIVE", help="haoxusci/pytorch_zoo source archive")
@@ -567,19 +570,19 @@ def build_parser(prog: str = "python -m hpa_tf kit") -> argparse.ArgumentParser:
     g.add_argument("--title", default=KitOptions.title, help="dataset title (default %(default)r)")
     g.add_argument("--license", default=KitOptions.license, help="dataset license (default %(default)s)")
     g.add_argument("--predict-args", default="", metavar="ARGS",
-                   help="predictor flags the kernel always passes, one string (e.g. '--tta --batch-size 64')")
+                   help="predictor flags the kernel always passes, one string (e.g. '--tta --batch-size 64'; default: none)")
     p.add_argument("--force", action="store_true", help="replace an existing, non-empty --out")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m hpa_tf kit") -> int:
     import shlex
 
-    a = build_parser().parse_args(argv)
+    a = build_parser(prog).parse_args(argv)
     options = KitOptions(
         out=a.out, models=a.models, python_version=a.python_version, platforms=tuple(a.platforms or (DEFAULT_PLATFORM,)),
         requirements=a.requirements, wheels_from=a.wheels_from, project_wheel=a.project_wheel,
-        extra_wheels=tuple(a.extra_wheels), hpacellseg_src=a.hpacellseg_src, pytorch_zoo_src=a.pytorch_zoo_src,
+        extra_wheels=tuple(a.extra_wheels or ()), hpacellseg_src=a.hpacellseg_src, pytorch_zoo_src=a.pytorch_zoo_src,
         nuclei_model=a.nuclei_model, cell_model=a.cell_model, competition=a.competition, dataset_id=a.dataset_id,
         title=a.title, license=a.license, predict_args=tuple(shlex.split(a.predict_args)), force=a.force,
     )

@@ -630,6 +630,10 @@ def load_model(path: str | os.PathLike, compile: bool = False) -> LoadedModel:
     path = os.fspath(path)
     if not fileutil.exists(path):
         raise FileNotFoundError(f"model file {path} does not exist")
+    if path.endswith(".keras") and not fileutil.is_remote(path) and not zipfile.is_zipfile(path):
+        # Keras says "File not found" for a file that is there but is not a .keras (zip) archive
+        raise ValueError(f"cannot load Keras model {path}: not a .keras model file (not a zip archive; "
+                         f"{os.path.getsize(path)} bytes)")
     json_path = find_config(path)
     config = _read_config(json_path) if json_path is not None else None
     try:
@@ -641,7 +645,7 @@ def load_model(path: str | os.PathLike, compile: bool = False) -> LoadedModel:
             raise ValueError(f"cannot load Keras model {path}: {_brief(err)}") from None
         model = rebuild_model(path, config, err)
     if json_path is not None:
-        _check_config(model, config, json_path)
+        _check_config(model, config, json_path, path)
     else:
         logger.warning("no config beside %s (looked for %s)", path, " and ".join(config_candidates(path)))
     return LoadedModel(model, config)
@@ -698,10 +702,12 @@ def _read_config(json_path: str) -> dict[str, Any]:
     return config
 
 
-def _check_config(model: keras.Model, config: Mapping[str, Any], json_path: str) -> None:
+def _check_config(model: keras.Model, config: Mapping[str, Any], json_path: str, model_path: str = "the model") -> None:
     shape = model.input_shape
     want = (config.get("image_size"), config.get("image_size"), config.get("channels"))
     if tuple(shape[1:]) != want:
-        raise ValueError(f"{json_path} says input {want} but the model takes {tuple(shape[1:])}")
+        raise ValueError(f"{json_path} says input {want} (image_size, image_size, channels) but {model_path} takes "
+                         f"{tuple(shape[1:])}: the description is not this model's")
     if "num_classes" in config and int(model.output_shape[-1]) != config["num_classes"]:
-        raise ValueError(f"{json_path} says {config['num_classes']} classes, the model has {model.output_shape[-1]}")
+        raise ValueError(f"{json_path} says {config['num_classes']} classes but {model_path} has "
+                         f"{model.output_shape[-1]} outputs: the description is not this model's")

@@ -93,18 +93,27 @@ class PredictError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 
 
+def check_model_files(paths: Sequence[str]) -> None:
+    """PredictError unless every model path is a file (cheap: nothing is loaded)."""
+    if not paths:
+        raise PredictError("no model given: pass --model PATH.keras")
+    for path in paths:
+        if not Path(path).is_file():
+            raise PredictError(f"model file not found: {path}")
+
+
 def load_models(paths: Sequence[str]) -> list[ClassifierSpec]:
     """Load ``.keras`` classifiers and read the ``model.json`` beside each (required: it holds the crop
     spec, read with ``ModelSpec.from_config``; nothing is filled in by a default)."""
     from hpa_tf.model import ModelConfigError, ModelSpec, load_model
 
-    if not paths:
-        raise PredictError("no model given: pass --model PATH.keras")
+    check_model_files(paths)
     loaded = []
     for path in paths:
-        if not Path(path).is_file():
-            raise PredictError(f"model file not found: {path}")
-        model, config = load_model(path)
+        try:
+            model, config = load_model(path)
+        except ValueError as e:  # not a Keras model, or a model.json that disagrees with it
+            raise PredictError(str(e)) from None
         if config is None:
             raise PredictError(f"{path}: no model.json beside it: its crop spec and channels are unknown")
         try:
@@ -274,14 +283,16 @@ def run(config: PredictConfig, segmenter=None, on_crops: CropsHook | None = None
 
     preload(config.segmenter)  # hpacellseg: PyTorch's stack before TensorFlow
     enable_memory_growth()  # let PyTorch (hpacellseg) share the GPU
+    # every check before the cache folder exists: a refused start leaves nothing behind
     requested = _requested(config)
+    check_model_files(config.models)
     cache = _cache_dir(config)
     if segmenter is None:
         segmenter = _LazySegmenter(config)
         if _needs_segmenter(config, requested, cache):
             segmenter.build()  # a segmenter that cannot be made stops the run before any output
-    cache.mkdir(parents=True, exist_ok=True)
     classifiers = [Classifier(m, config.batch_size) for m in load_models(config.models)]
+    cache.mkdir(parents=True, exist_ok=True)
 
     bar = None
     if config.progress:

@@ -30,6 +30,7 @@ the file and the reason.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import os
@@ -354,6 +355,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     path = str(path)
     if not fileutil.exists(path):
         raise DataError(f"{path}: manifest not found")
+    fileutil.raise_csv_field_size_limit()
     reader = csv.DictReader(io.StringIO(fileutil.read_text(path)))
     missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
@@ -525,3 +527,71 @@ def split_folds(
         n_train=n_train, n_val=n_val, class_counts=class_counts, crop=crop, build_config=build_config,
         data_dir=folder, manifest=table, sources=sources,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# damaged shards
+# ---------------------------------------------------------------------------------------------
+
+
+def find_damaged_shards(shards: Sequence[str]) -> dict[str, str]:
+    """``{shard path: reason}`` of the shards that cannot be read to the end (corrupt or truncated)
+    or hold fewer records than their name says. Reads every record of every shard (not decoded)."""
+    from hpa_tf.records import scan_shard
+
+    damaged: dict[str, str] = {}
+    for path in shards:
+        n, reason = scan_shard(path)
+        expected = parse_shard_name(path)[2]
+        if reason is not None:
+            damaged[path] = f"corrupt or truncated shard, unreadable after {n} of {expected} records ({reason})"
+        elif n != expected:
+            damaged[path] = f"truncated shard: {n} records, the name says {expected}"
+    return damaged
+
+
+def damaged_shard_error(split: FoldSplit, damaged: Mapping[str, str]) -> DataError:
+    """The one-line error for damaged shards met while training (the first named, the others counted)."""
+    path, reason = next(iter(damaged.items()))
+    more = f" (and {len(damaged) - 1} more damaged shard(s))" if len(damaged) > 1 else ""
+    return DataError(f"{path}: {reason}{more}: rebuild the shard set {split.data_dir}, or train without the damaged "
+                     "shards with --skip-corrupt-shards")
+
+
+def without_damaged_shards(split: FoldSplit) -> tuple[FoldSplit, dict[str, str]]:
+    """The split without its damaged shards (``find_damaged_shards``: every shard is read once), the
+    counts lowered by what they held; and ``{path: reason}`` of the dropped ones.
+
+    Raises DataError when the training or the validation folds lose every shard.
+    """
+    damaged = find_damaged_shards([*split.train_shards, *split.val_shards])
+    if not damaged:
+        log.info("checked %d shard(s): none damaged", len(split.train_shards) + len(split.val_shards))
+        return split, {}
+    train = [p for p in split.train_shards if p not in damaged]
+    val = [p for p in split.val_shards if p not in damaged]
+    for name, kept, folds in (("training", train, split.train_folds), ("validation", val, split.val_folds)):
+        if folds and not kept:
+            raise DataError(f"{split.data_dir}: every {name} shard is damaged (first: "
+                            f"{next(iter(damaged))}: {next(iter(damaged.values()))})")
+    dropped_train = [p for p in split.train_shards if p in damaged]
+    dropped_val = [p for p in split.val_shards if p in damaged]
+    table, class_counts = split.manifest, split.class_counts
+    if table is not None:  # the manifest without the dropped shards' rows: every count comes from it
+        keep = ~np.isin(table.shard, [_base(p) for p in damaged])
+        table = dataclasses.replace(table, **{f.name: getattr(table, f.name)[keep] for f in dataclasses.fields(table)
+                                              if f.name != "path"})
+        n_train = int(table.rows(split.train_folds, split.sources).sum())
+        n_val = int(table.rows(split.val_folds, split.sources).sum())
+        class_counts = table.labels[table.rows(split.train_folds, split.sources)].sum(axis=0, dtype=np.int64)
+    else:
+        n_train = split.n_train - sum(parse_shard_name(p)[2] for p in dropped_train)
+        n_val = split.n_val - sum(parse_shard_name(p)[2] for p in dropped_val)
+    for path, reason in damaged.items():
+        log.warning("skipping %s: %s", path, reason)
+    log.warning("skipped %d damaged shard(s) of %d: %d training and %d validation examples left out",
+                len(damaged), len(split.train_shards) + len(split.val_shards), split.n_train - n_train,
+                split.n_val - n_val)
+    return dataclasses.replace(split, train_shards=train, val_shards=val, n_train=n_train, n_val=n_val,
+                               class_counts=class_counts, manifest=table), damaged
+

@@ -13,21 +13,22 @@ input      ``hpa_tf.shardset``: shards of the training folds and the held-out fo
            only decodes, resizes and batches; ``augment_on="host"`` does them in tf.data.
 model      built (``hpa_tf.model.build_model``, or ``hpa_tf.backbones`` for ``tiny_cnn``) and
            compiled under ``strategy.scope()``: AdamW, linear warm-up then cosine decay
-           (``CosineDecay(warmup_target=…)``), ``BinaryFocalCrossentropy``, multi-label AUC and
-           macro F1 as weighted metrics (padded validation rows carry weight 0).
+           (``CosineDecay(warmup_target=…)``), ``BinaryFocalCrossentropy``, macro F1 as a weighted
+           metric (padded validation rows carry weight 0).
 callbacks  non-finite loss → ``NonFiniteLossError`` (before anything is saved); per-class average
            precision over every validation example, by the competition's definition
            (``validation_ap``: ``val_map``; also ``val_macro_auc``, ``val_ap.csv``); ``last.keras`` +
            ``state.json`` every epoch and ``best.keras`` on improvement (atomic writes), each with
            its ``.json`` and a ``model.json`` (``hpa_tf.model.model_config``, the one writer: the
            crop spec the pipeline used, channels, normalisation, training) that tells the predictor
-           how the model was trained; ``log.csv``; TensorBoard under ``tensorboard/``.
+           how the model was trained; ``log.csv`` (epochs from 1); TensorBoard under ``tensorboard/``.
 resume     ``resume=True`` rebuilds the model, loads ``last.keras`` (weights AND optimizer slots and
            step count) and continues at the epoch after the last completed one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import importlib.util
@@ -47,10 +48,11 @@ import tensorflow as tf
 from hpa_tf import data as hpa_data
 from hpa_tf import distribute, fileutil, shardset
 from hpa_tf import model as hpa_model
-from hpa_tf.backbones import build_classifier, is_tiny
+from hpa_tf import records as hpa_records
+from hpa_tf.backbones import build_classifier, check_backbone, is_tiny
 from hpa_tf.balance import repeat_factors
 from hpa_tf.config import AugmentConfig, TrainConfig
-from hpa_tf.labels import CLASS_NAMES, NUM_CLASSES, SHORT_NAMES
+from hpa_tf.labels import CLASS_NAMES, SHORT_NAMES
 from hpa_tf.metric import average_precision as competition_ap
 
 log = logging.getLogger(__name__)
@@ -204,6 +206,7 @@ class ValidationAP(keras.callbacks.Callback):
         rows: list[list[str]] = []
         if fileutil.exists(csv_path):
             text = fileutil.read_text(csv_path)
+            fileutil.raise_csv_field_size_limit()
             rows = [r for r in list(csv.reader(io.StringIO(text)))[1:] if r and int(r[0]) < epoch]  # drop re-done epochs
         rows.append([str(epoch), f"{result['val_map']:.6f}", f"{result['val_macro_auc']:.6f}",
                      *("" if not np.isfinite(v) else f"{v:.6f}" for v in result["ap"])])
@@ -256,6 +259,21 @@ class EpochCheckpoint(keras.callbacks.Callback):
         state = {**self.extra_state, "epoch": epoch + 1, "monitor": self.monitor, "best": self.best,
                  "logs": {k: _jsonable(v) for k, v in logs.items()}, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         fileutil.write_json(fileutil.join(self.out, STATE_NAME), state, indent=2)
+
+
+class EpochCSVLogger(keras.callbacks.CSVLogger):
+    """Keras' ``CSVLogger`` with epochs counted from 1, as ``val_ap.csv``, ``state.json`` and the log
+    lines count them (Keras' own counts from 0)."""
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        super().on_epoch_end(epoch + 1, logs)
+
+
+#: What the per-epoch figures mean (logged when a run starts).
+METRICS_NOTE = ("per epoch: loss = focal loss; f1 = Keras macro F1 at threshold 0.5 over all 19 classes (a class "
+                "absent from the data counts 0); val_map = mean per-class AP over the validation fold's classes, by "
+                "the competition's definition; val_macro_auc = mean per-class ROC AUC over the classes with "
+                "positives and negatives")
 
 
 def _jsonable(value: Any) -> Any:
@@ -328,11 +346,10 @@ def compile_model(model: keras.Model, config: TrainConfig, total_steps: int, war
     model.compile(
         optimizer=optimizer,
         loss=loss,
-        # weighted: validation batches are padded to a static shape and the padding has weight 0
-        weighted_metrics=[
-            keras.metrics.AUC(multi_label=True, num_labels=NUM_CLASSES, name="auc"),
-            keras.metrics.F1Score(average="macro", threshold=0.5, name="f1"),
-        ],
+        # weighted: validation batches are padded to a static shape and the padding has weight 0.
+        # No Keras AUC: its multi-label mean counts every class absent from the fold as 0 (about 0.05
+        # on a small fold); ValidationAP's val_macro_auc averages the classes that have both kinds.
+        weighted_metrics=[keras.metrics.F1Score(average="macro", threshold=0.5, name="f1")],
         steps_per_execution=int(config.steps_per_execution),
         jit_compile=JIT_COMPILE[config.jit_compile],
     )
@@ -363,6 +380,20 @@ def _model_description(config: TrainConfig, split: shardset.FoldSplit, policy: s
     return describe
 
 
+@contextlib.contextmanager
+def _naming_damaged_shards(split: shardset.FoldSplit):
+    """Turn TensorFlow's read error of a damaged shard (which names no file) into a DataError naming
+    the shard: the split's shards are read once to find it (only after such an error)."""
+    try:
+        yield
+    except tf.errors.DataLossError as e:
+        log.error("a shard could not be read (%s); finding which", hpa_records.read_error_reason(e))
+        damaged = shardset.find_damaged_shards([*split.train_shards, *split.val_shards])
+        if not damaged:
+            raise
+        raise shardset.damaged_shard_error(split, damaged) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------------------------
@@ -383,21 +414,25 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
     NonFiniteLossError : the loss became NaN/inf.
     """
     out = str(config.out)
+    # the run folder is made only once the inputs, the strategy and the model are known to be good:
+    # a refused start leaves nothing behind
+    check_backbone(config.backbone)
+    hpa_data.channel_indices(config.channels)
 
     # ---- strategy (first: a TPU must be initialised before other TensorFlow work) ---------------
     if strategy is None:
         strategy = distribute.get_strategy(config.strategy, tpu=config.tpu, devices=config.devices)
     keras.utils.set_random_seed(int(config.seed))
-    fileutil.makedirs(out)
     policy = distribute.set_mixed_precision(strategy, config.mixed_precision)
     global_batch = distribute.global_batch_size(config.batch_size, strategy)
     info = distribute.describe(strategy)
     replicas = int(strategy.num_replicas_in_sync)
 
     # ---- input ---------------------------------------------------------------------------------
-    hpa_data.channel_indices(config.channels)
     split = shardset.split_folds(config.data, config.val_fold, manifest=config.manifest, train_folds=config.train_folds,
                                  sources=config.sources)
+    if config.skip_corrupt_shards:
+        split, _ = shardset.without_damaged_shards(split)
     source_weights = dict(config.source_weights or ())
     n_train, class_counts = split.n_train, split.class_counts
     if source_weights:  # training records of a source drawn W times on average: count them so
@@ -433,7 +468,8 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
     val_ds = val_labels = None
     if split.val_shards:
         val_ds = hpa_data.make_dataset(split.val_shards, inputs, training=False, n_examples=split.n_val)
-        val_labels = hpa_data.eval_labels(split.val_shards, sources=split.sources)
+        with _naming_damaged_shards(split):
+            val_labels = hpa_data.eval_labels(split.val_shards, sources=split.sources)
         if len(val_labels) != split.n_val:
             raise shardset.DataError(f"{split.data_dir}: validation shards hold {len(val_labels)} records, "
                                      f"the manifest says {split.n_val}")
@@ -466,6 +502,7 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
                      int(model.optimizer.iterations.numpy()))
         elif config.resume:
             log.info("--resume: no %s in %s, starting from epoch 0", STATE_NAME, out)
+    fileutil.makedirs(out)
     fileutil.write_json(fileutil.join(out, "train_config.json"),
                         json.loads(json.dumps(dataclasses.asdict(config), default=str)), indent=2)
 
@@ -482,7 +519,7 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
     checkpoint = EpochCheckpoint(out, describe, monitor, best=(state or {}).get("best"),
                                  extra_state={"global_batch": global_batch, "steps_per_epoch": steps_per_epoch})
     callback_list.append(checkpoint)
-    callback_list.append(keras.callbacks.CSVLogger(fileutil.join(out, "log.csv"), append=initial_epoch > 0))
+    callback_list.append(EpochCSVLogger(fileutil.join(out, "log.csv"), append=initial_epoch > 0))
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         log.warning("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
     elif config.tensorboard:
@@ -491,12 +528,15 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
     callback_list.extend(callbacks)
 
     # ---- loop ----------------------------------------------------------------------------------
+    log.info(METRICS_NOTE)
     history: dict[str, list[float]] = {}
     if initial_epoch >= config.epochs:
         log.info("%s: %d of %d epochs already done; nothing to train", out, initial_epoch, config.epochs)
     else:
-        fit = model.fit(train_ds, epochs=config.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
-                        validation_data=val_ds, callbacks=callback_list, verbose=config.verbose, shuffle=False)
+        with _naming_damaged_shards(split):
+            fit = model.fit(train_ds, epochs=config.epochs, initial_epoch=initial_epoch,
+                            steps_per_epoch=steps_per_epoch, validation_data=val_ds, callbacks=callback_list,
+                            verbose=config.verbose, shuffle=False)
         history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
     best_path = fileutil.join(out, BEST_NAME)
     return TrainResult(

@@ -280,10 +280,10 @@ def test_remote_segmenter_files_are_fetched_once(tmp_path):
 
 
 def test_pipeline_options_from_the_command_line():
-    from tfrecord_builder.__main__ import _build_parser, _join_beam_options
+    from tfrecord_builder.__main__ import _join_beam_options, build_parser
     from tfrecord_builder.beam_runner import pipeline_args
 
-    a = _build_parser().parse_args(_join_beam_options(
+    a = build_parser().parse_args(_join_beam_options(
         ["--data-dir", "d", "--labels", "l", "--out", "o", "--runner", "beam",
          "--beam-options", "--runner=DataflowRunner --project=P", "--beam-options=--region=R"]))
     options = BuildOptions(data_dir="d", labels="l", out="o", runner=a.runner, beam_options=tuple(a.beam_options))

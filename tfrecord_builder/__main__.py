@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
+
+from hpa_tf.cli import quiet_tensorflow
 
 BUILD_EXAMPLE = """\
 example:
@@ -22,12 +23,13 @@ content-defining arguments is refused. OUT may be a local folder or a gs:// path
 """
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The build command's parser (``prog``: the name its usage shows)."""
     from hpa_tf.crops import CropSpec
 
     crop = CropSpec()  # the defaults
     p = argparse.ArgumentParser(
-        prog="python -m tfrecord_builder",
+        prog=prog or "python -m tfrecord_builder",
         description="Segment fields of view, crop every cell and write TFRecord shards by fold "
         "(subcommands: build (default), verify OUT).",
         epilog=BUILD_EXAMPLE,
@@ -77,9 +79,10 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _verify_parser() -> argparse.ArgumentParser:
+def verify_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The verify command's parser (``prog``: the name its usage shows)."""
     p = argparse.ArgumentParser(
-        prog="python -m tfrecord_builder verify",
+        prog=prog or "python -m tfrecord_builder verify",
         description="Read every shard of a built output and check it against manifest.csv (record counts, "
         "the count in each shard's name, record order) and decode a sample of crops. Exits 1 on any mismatch.",
     )
@@ -90,7 +93,6 @@ def _verify_parser() -> argparse.ArgumentParser:
 
 
 def _logging(quiet: bool) -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
 
 
@@ -109,14 +111,18 @@ def _join_beam_options(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def build_main(argv: Sequence[str]) -> int:
-    a = _build_parser().parse_args(_join_beam_options(argv))
+def build_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    quiet_tensorflow()
+    parser = build_parser(prog)
+    a = parser.parse_args(_join_beam_options(list(sys.argv[1:] if argv is None else argv)))
+    name = parser.prog
     _logging(a.quiet)
     if not a.masks_dir:
         from hpa_tf.segmentation import preload
 
         preload(a.segmenter)  # hpacellseg: PyTorch's stack must be imported before TensorFlow
     from hpa_tf.crops import CropSpec, CropSpecError
+    from hpa_tf.fileutil import describe_write_error
     from hpa_tf.io import CsvFormatError
     from hpa_tf.labels import LabelError
     from tfrecord_builder import BuildError, BuildOptions, build
@@ -136,36 +142,47 @@ def build_main(argv: Sequence[str]) -> int:
         )
         result = build(options, progress=not a.no_progress, max_shards=a.max_shards)
     except (BuildError, LabelError, CsvFormatError, CropSpecError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a full disk, no permission: one line, not a traceback
+        line = describe_write_error(e, a.out)
+        if line is None:
+            raise
+        print(f"{name}: error: {line}", file=sys.stderr)
         return 2
     print(result.line())
     if result.complete and result.cells == 0:
-        print(f"error: nothing could be built; see {a.out}/skipped.csv", file=sys.stderr)
+        print(f"{name}: error: nothing could be built; see {a.out}/skipped.csv", file=sys.stderr)
         return 1
     return 0
 
 
-def verify_main(argv: Sequence[str]) -> int:
-    a = _verify_parser().parse_args(argv)
+def verify_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    quiet_tensorflow()
+    a = verify_parser(prog).parse_args(argv)
     _logging(a.quiet)
-    from tfrecord_builder.verify import verify
+    from tfrecord_builder.verify import NotAShardSetError, verify
 
-    report = verify(a.out, sample=a.sample)
+    try:
+        report = verify(a.out, sample=a.sample)
+    except NotAShardSetError as e:
+        print(f"{prog or 'python -m tfrecord_builder verify'}: error: {e}", file=sys.stderr)
+        return 2
     for problem in report.problems:
-        print(f"MISMATCH: {problem}", file=sys.stderr)
+        print(f"{'CORRUPT' if problem in report.corrupt else 'MISMATCH'}: {problem}", file=sys.stderr)
     state = "OK" if report.ok else f"FAILED ({len(report.problems)} problem(s))"
     print(f"{state}: {report.shards} shards, {report.records} records, {report.manifest_rows} manifest rows, "
           f"{report.decoded} crops decoded")
     return 0 if report.ok else 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "verify":
-        return verify_main(argv[1:])
+        return verify_main(argv[1:], prog=f"{prog} verify" if prog else None)
     if argv and argv[0] == "build":
         argv = argv[1:]
-    return build_main(argv)
+    return build_main(argv, prog)
 
 
 if __name__ == "__main__":

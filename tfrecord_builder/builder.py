@@ -63,9 +63,13 @@ class BuildResult:
     def line(self) -> str:
         """One-line summary for a person."""
         state = "" if self.complete else " (incomplete: rerun to finish)"
+        skipped = f"skipped {self.fields_skipped} field(s)"
+        if self.fields_skipped:
+            where = fileutil.join(self.out, shardset.SKIPPED)
+            skipped += f" (listed with their reasons in {where})" if self.complete else " (listed once complete)"
         return (
             f"{self.fields} fields, {self.cells} cells, {self.shards} shards, {self.bytes / 1e6:.1f} MB "
-            f"in {self.seconds:.1f} s; skipped {self.fields_skipped} field(s), dropped {self.cells_dropped} "
+            f"in {self.seconds:.1f} s; {skipped}, dropped {self.cells_dropped} "
             f"small cell(s); built {self.shards_built} shard(s) now, kept {self.shards_kept}{state}"
         )
 
