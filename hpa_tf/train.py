@@ -61,10 +61,6 @@ BEST_NAME = "best.keras"
 MODEL_JSON = "model.json"
 
 
-#: ``TrainConfig.jit_compile`` → Keras' ``compile(jit_compile=...)``.
-JIT_COMPILE: dict[str, bool | str] = {"auto": "auto", "on": True, "off": False}
-
-
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
@@ -315,8 +311,12 @@ def host_augmentation(config: TrainConfig) -> tuple[AugmentConfig | None, dict[s
     return host, device
 
 
-def compile_model(model: keras.Model, config: TrainConfig, total_steps: int, warmup_steps: int) -> None:
-    """Compile with AdamW + warm-up/cosine schedule, focal loss, weighted AUC and macro F1."""
+def compile_model(model: keras.Model, config: TrainConfig, total_steps: int, warmup_steps: int,
+                  jit_compile: bool | str = "auto") -> None:
+    """Compile with AdamW + warm-up/cosine schedule, focal loss, weighted AUC and macro F1.
+
+    ``jit_compile``: Keras' setting as ``hpa_tf.distribute.jit_compile_for`` resolves
+    ``config.jit_compile`` for the strategy (True: the training step is one XLA program)."""
     schedule = make_schedule(config.lr, total_steps, warmup_steps, config.min_lr_fraction)
     optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "adapt_mean", "adapt_variance"])
@@ -334,7 +334,7 @@ def compile_model(model: keras.Model, config: TrainConfig, total_steps: int, war
             keras.metrics.F1Score(average="macro", threshold=0.5, name="f1"),
         ],
         steps_per_execution=int(config.steps_per_execution),
-        jit_compile=JIT_COMPILE[config.jit_compile],
+        jit_compile=jit_compile,
     )
 
 
@@ -387,6 +387,9 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
     # ---- strategy (first: a TPU must be initialised before other TensorFlow work) ---------------
     if strategy is None:
         strategy = distribute.get_strategy(config.strategy, tpu=config.tpu, devices=config.devices)
+    # settings the strategy cannot run are refused before anything is written
+    jit_compile = distribute.jit_compile_for(strategy, config.jit_compile)
+    distribute.check_steps_per_execution(strategy, config.steps_per_execution)
     keras.utils.set_random_seed(int(config.seed))
     fileutil.makedirs(out)
     policy = distribute.set_mixed_precision(strategy, config.mixed_precision)
@@ -416,6 +419,10 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
                                   balance=None if balance is None else tuple(balance.tolist()),
                                   shuffle_buffer=config.shuffle_buffer, seed=config.seed)
     train_ds = hpa_data.make_dataset(split.train_shards, inputs, training=True)
+    if distribute.strategy_kind(strategy) == "tpu":
+        problems = hpa_data.tpu_problems(train_ds)
+        if problems:
+            raise shardset.DataError(f"{split.data_dir}: the training input cannot feed a TPU: {'; '.join(problems)}")
     val_ds = val_labels = None
     if split.val_shards:
         val_ds = hpa_data.make_dataset(split.val_shards, inputs, training=False, n_examples=split.n_val)
@@ -424,7 +431,8 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
             raise shardset.DataError(f"{split.data_dir}: validation shards hold {len(val_labels)} records, "
                                      f"the manifest says {split.n_val}")
     val_steps = hpa_data.steps_for(split.n_val, global_batch, drop_remainder=False)
-    log.info("strategy %s: %d replica(s) %s; dtype policy %s", info["strategy"], replicas, info["devices"], policy)
+    log.info("strategy %s: %d replica(s) %s; dtype policy %s; jit_compile %s", info["strategy"], replicas,
+             info["devices"], policy, jit_compile)
     log.info("global batch %d (%d per replica); %d training examples → %d steps/epoch; %d validation examples → "
              "%d steps; %d epochs; steps_per_execution %d", global_batch, config.batch_size, split.n_train,
              steps_per_epoch, split.n_val, val_steps, config.epochs, config.steps_per_execution)
@@ -443,7 +451,7 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
                                  weights=None if state is not None else config.weights, dropout=config.dropout,
                                  normalization=channel_normalization(config.backbone, config.channels),
                                  augment=model_augment)
-        compile_model(model, config, total_steps, warmup_steps)
+        compile_model(model, config, total_steps, warmup_steps, jit_compile)
         if state is not None:
             model.optimizer.build(model.trainable_variables)
             model.load_weights(last_path)  # weights, optimizer slots and step count
@@ -456,7 +464,9 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
                         json.loads(json.dumps(dataclasses.asdict(config), default=str)), indent=2)
 
     # ---- callbacks -----------------------------------------------------------------------------
-    describe = _model_description(config, split, policy, info, global_batch, steps_per_epoch)
+    describe = _model_description(config, split, policy, {**info, "jit_compile": bool(model.jit_compile),
+                                                          "steps_per_execution": int(config.steps_per_execution)},
+                                  global_batch, steps_per_epoch)
     monitor = config.monitor if val_ds is not None else "loss"
     # order matters: the guard raises before anything is saved; ValidationAP adds val_map to the
     # logs that the checkpoint and the CSV logger then see
