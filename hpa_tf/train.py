@@ -4,10 +4,15 @@
 ``hpa_tf.config.TrainConfig`` setting. The sections, top to bottom:
 
 strategy   ``hpa_tf.distribute``: TPU / GPUs / CPU, mixed-precision policy, global batch =
-           per-replica batch × replicas (``tf.data`` yields global batches; Keras splits them).
+           per-replica batch × replicas (``tf.data`` yields global batches; Keras splits them);
+           ``jit_compile`` and ``steps_per_execution`` checked against the strategy (on a TPU,
+           TPUStrategy compiles with XLA itself; several mirrored devices take neither XLA nor
+           more than one step per execution in Keras 3), before anything is written.
 input      ``hpa_tf.shardset``: shards of the training folds and the held-out fold, counted from the
            manifest, and the shard set's crop spec (``build_config.json``); ``hpa_tf.data``: the
-           pipeline; steps per epoch = training examples // global batch unless given. By default
+           pipeline (on a TPU it must pass ``hpa_tf.data.tpu_problems``: static shapes, no Python
+           ops); steps per epoch = training examples // global batch unless given, rounded down
+           to whole executions of ``steps_per_execution`` steps. By default
            (``augment_on="device"``) the flips/rotations/intensity jitter run on the accelerator in
            the training step (``hpa_tf.augment.RandomAugment`` after the model input) and tf.data
            only decodes, resizes and batches; ``augment_on="host"`` does them in tf.data.
@@ -406,6 +411,13 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
             f"{split.data_dir}: {split.n_train} training examples make no full global batch of {global_batch} "
             f"({config.batch_size} per replica × {replicas} replicas): lower --batch-size or add data"
         )
+    spe = int(config.steps_per_execution)
+    if steps_per_epoch % spe:
+        # Keras runs whole executions: an epoch of 5 steps at 2 per execution would run 6
+        rounded = max(spe, steps_per_epoch - steps_per_epoch % spe)
+        log.warning("%d steps per epoch is not a multiple of --steps-per-execution %d: %d steps per epoch",
+                    steps_per_epoch, spe, rounded)
+        steps_per_epoch = rounded
     balance = None
     if config.balance:
         if split.manifest is None:
