@@ -177,8 +177,11 @@ class TrainConfig:
     mixed_precision: str = setting(
         "float32", nargs="?", const="auto", choices=("auto", "float32", "mixed_bfloat16", "mixed_float16"),
         group="hardware", help="dtype policy; the bare flag means auto = bfloat16 on TPU, float16 on GPU")
-    steps_per_execution: int = setting(1, help="training steps per host call (TPU: 32+)", group="hardware")
-    jit_compile: str = setting("auto", choices=("auto", "on", "off"), help="XLA for GPU/CPU steps", group="hardware")
+    steps_per_execution: int = setting(1, help="training steps per host call (TPU: 32+; must be 1 with several GPUs)",
+                                       group="hardware")
+    jit_compile: str = setting("auto", choices=("auto", "on", "off"), group="hardware",
+                               help="XLA for the training step on one GPU/CPU (auto: on a GPU); off with several "
+                                    "GPUs; a TPU always compiles with XLA, whatever this says")
     resume: bool = setting(False, help="continue from OUT/last.keras + state.json if present", group="output")
     tensorboard: bool = setting(True, help="TensorBoard logs under OUT/tensorboard", group="output")
     verbose: int = setting(2, choices=(0, 1, 2), help="Keras: 0 silent, 1 bar, 2 a line/epoch", group="output")

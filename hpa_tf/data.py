@@ -346,6 +346,34 @@ def make_dataset(
     return ds.with_options(options)
 
 
+#: Dataset ops that call back into Python: a TPU worker cannot run them (and they hold the GIL).
+PYTHON_OPS: frozenset[str] = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc"})
+
+
+def dataset_ops(dataset: tf.data.Dataset) -> set[str]:
+    """Names of every op in the graph of ``dataset``, map/filter/interleave functions included."""
+    graph = tf.compat.v1.GraphDef()
+    graph.ParseFromString(dataset._as_serialized_graph().numpy())  # noqa: SLF001 - tf.data's own graph
+    ops = {node.op for node in graph.node}
+    for function in graph.library.function:
+        ops.update(node.op for node in function.node_def)
+    return ops
+
+
+def tpu_problems(dataset: tf.data.Dataset) -> list[str]:
+    """Why ``dataset`` cannot feed a TPU (empty when it can): a dimension of an element that is not
+    static (the batch dimension too: batch with ``drop_remainder=True``), or an op that calls Python
+    (``tf.py_function``, ``tf.numpy_function``)."""
+    problems = []
+    for spec in tf.nest.flatten(dataset.element_spec):
+        if not spec.shape.is_fully_defined():
+            problems.append(f"element shape {spec.shape} is not static")
+    python = sorted(dataset_ops(dataset) & PYTHON_OPS)
+    if python:
+        problems.append(f"Python ops in the pipeline: {', '.join(python)}")
+    return problems
+
+
 def eval_labels(shards: Sequence[str], cycle_length: int = 16, sources: Sequence[str] | None = None) -> np.ndarray:
     """(N, 19) float32 labels of every example (of ``sources``; None: all), in the order
     ``make_dataset(..., training=False)`` yields them (the same deterministic interleave; images are

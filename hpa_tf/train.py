@@ -4,10 +4,15 @@
 ``hpa_tf.config.TrainConfig`` setting. The sections, top to bottom:
 
 strategy   ``hpa_tf.distribute``: TPU / GPUs / CPU, mixed-precision policy, global batch =
-           per-replica batch × replicas (``tf.data`` yields global batches; Keras splits them).
+           per-replica batch × replicas (``tf.data`` yields global batches; Keras splits them);
+           ``jit_compile`` and ``steps_per_execution`` checked against the strategy (on a TPU,
+           TPUStrategy compiles with XLA itself; several mirrored devices take neither XLA nor
+           more than one step per execution in Keras 3), before anything is written.
 input      ``hpa_tf.shardset``: shards of the training folds and the held-out fold, counted from the
            manifest, and the shard set's crop spec (``build_config.json``); ``hpa_tf.data``: the
-           pipeline; steps per epoch = training examples // global batch unless given. By default
+           pipeline (on a TPU it must pass ``hpa_tf.data.tpu_problems``: static shapes, no Python
+           ops); steps per epoch = training examples // global batch unless given, rounded down
+           to whole executions of ``steps_per_execution`` steps. By default
            (``augment_on="device"``) the flips/rotations/intensity jitter run on the accelerator in
            the training step (``hpa_tf.augment.RandomAugment`` after the model input) and tf.data
            only decodes, resizes and batches; ``augment_on="host"`` does them in tf.data.
@@ -61,10 +66,6 @@ STATE_NAME = "state.json"
 LAST_NAME = "last.keras"
 BEST_NAME = "best.keras"
 MODEL_JSON = "model.json"
-
-
-#: ``TrainConfig.jit_compile`` → Keras' ``compile(jit_compile=...)``.
-JIT_COMPILE: dict[str, bool | str] = {"auto": "auto", "on": True, "off": False}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -333,8 +334,12 @@ def host_augmentation(config: TrainConfig) -> tuple[AugmentConfig | None, dict[s
     return host, device
 
 
-def compile_model(model: keras.Model, config: TrainConfig, total_steps: int, warmup_steps: int) -> None:
-    """Compile with AdamW + warm-up/cosine schedule, focal loss, weighted AUC and macro F1."""
+def compile_model(model: keras.Model, config: TrainConfig, total_steps: int, warmup_steps: int,
+                  jit_compile: bool | str = "auto") -> None:
+    """Compile with AdamW + warm-up/cosine schedule, focal loss, weighted AUC and macro F1.
+
+    ``jit_compile``: Keras' setting as ``hpa_tf.distribute.jit_compile_for`` resolves
+    ``config.jit_compile`` for the strategy (True: the training step is one XLA program)."""
     schedule = make_schedule(config.lr, total_steps, warmup_steps, config.min_lr_fraction)
     optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "adapt_mean", "adapt_variance"])
@@ -351,7 +356,7 @@ def compile_model(model: keras.Model, config: TrainConfig, total_steps: int, war
         # on a small fold); ValidationAP's val_macro_auc averages the classes that have both kinds.
         weighted_metrics=[keras.metrics.F1Score(average="macro", threshold=0.5, name="f1")],
         steps_per_execution=int(config.steps_per_execution),
-        jit_compile=JIT_COMPILE[config.jit_compile],
+        jit_compile=jit_compile,
     )
 
 
@@ -422,6 +427,9 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
     # ---- strategy (first: a TPU must be initialised before other TensorFlow work) ---------------
     if strategy is None:
         strategy = distribute.get_strategy(config.strategy, tpu=config.tpu, devices=config.devices)
+    # settings the strategy cannot run are refused before anything is written
+    jit_compile = distribute.jit_compile_for(strategy, config.jit_compile)
+    distribute.check_steps_per_execution(strategy, config.steps_per_execution)
     keras.utils.set_random_seed(int(config.seed))
     policy = distribute.set_mixed_precision(strategy, config.mixed_precision)
     global_batch = distribute.global_batch_size(config.batch_size, strategy)
@@ -451,6 +459,13 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
             f"{split.data_dir}: {n_train} training examples make no full global batch of {global_batch} "
             f"({config.batch_size} per replica × {replicas} replicas): lower --batch-size or add data"
         )
+    spe = int(config.steps_per_execution)
+    if steps_per_epoch % spe:
+        # Keras runs whole executions: an epoch of 5 steps at 2 per execution would run 6
+        rounded = max(spe, steps_per_epoch - steps_per_epoch % spe)
+        log.warning("%d steps per epoch is not a multiple of --steps-per-execution %d: %d steps per epoch",
+                    steps_per_epoch, spe, rounded)
+        steps_per_epoch = rounded
     balance = None
     if config.balance:
         if split.manifest is None:
@@ -465,6 +480,10 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
                                   sources=split.sources, source_weights=tuple(source_weights.items()),
                                   shuffle_buffer=config.shuffle_buffer, seed=config.seed)
     train_ds = hpa_data.make_dataset(split.train_shards, inputs, training=True)
+    if distribute.strategy_kind(strategy) == "tpu":
+        problems = hpa_data.tpu_problems(train_ds)
+        if problems:
+            raise shardset.DataError(f"{split.data_dir}: the training input cannot feed a TPU: {'; '.join(problems)}")
     val_ds = val_labels = None
     if split.val_shards:
         val_ds = hpa_data.make_dataset(split.val_shards, inputs, training=False, n_examples=split.n_val)
@@ -474,7 +493,8 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
             raise shardset.DataError(f"{split.data_dir}: validation shards hold {len(val_labels)} records, "
                                      f"the manifest says {split.n_val}")
     val_steps = hpa_data.steps_for(split.n_val, global_batch, drop_remainder=False)
-    log.info("strategy %s: %d replica(s) %s; dtype policy %s", info["strategy"], replicas, info["devices"], policy)
+    log.info("strategy %s: %d replica(s) %s; dtype policy %s; jit_compile %s", info["strategy"], replicas,
+             info["devices"], policy, jit_compile)
     log.info("global batch %d (%d per replica); %d training examples → %d steps/epoch; %d validation examples → "
              "%d steps; %d epochs; steps_per_execution %d", global_batch, config.batch_size, split.n_train,
              steps_per_epoch, split.n_val, val_steps, config.epochs, config.steps_per_execution)
@@ -493,7 +513,7 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
                                  weights=None if state is not None else config.weights, dropout=config.dropout,
                                  normalization=channel_normalization(config.backbone, config.channels),
                                  augment=model_augment)
-        compile_model(model, config, total_steps, warmup_steps)
+        compile_model(model, config, total_steps, warmup_steps, jit_compile)
         if state is not None:
             model.optimizer.build(model.trainable_variables)
             model.load_weights(last_path)  # weights, optimizer slots and step count
@@ -507,7 +527,9 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
                         json.loads(json.dumps(dataclasses.asdict(config), default=str)), indent=2)
 
     # ---- callbacks -----------------------------------------------------------------------------
-    describe = _model_description(config, split, policy, info, global_batch, steps_per_epoch)
+    describe = _model_description(config, split, policy, {**info, "jit_compile": bool(model.jit_compile),
+                                                          "steps_per_execution": int(config.steps_per_execution)},
+                                  global_batch, steps_per_epoch)
     monitor = config.monitor if val_ds is not None else "loss"
     # order matters: the guard raises before anything is saved; ValidationAP adds val_map to the
     # logs that the checkpoint and the CSV logger then see
