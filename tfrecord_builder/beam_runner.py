@@ -245,7 +245,7 @@ def write_group(key: tuple[int, int], values: Sequence[tuple], options: BuildOpt
     """
     import tensorflow as tf
 
-    from tfrecord_builder.worker import _peak_rss_mb
+    from tfrecord_builder.worker import shard_part
 
     t0, cpu0 = time.perf_counter(), time.thread_time()
     by_position = {}
@@ -270,23 +270,9 @@ def write_group(key: tuple[int, int], values: Sequence[tuple], options: BuildOpt
                         writer.write(example)
             size = os.path.getsize(local)
             upload(local, _join(options.out, shard))
-    rows: list[list] = []
-    for result in results:
-        rows += result.manifest_rows(shard, len(rows))
-    part = {
-        "task": task.identity(),
-        "config_hash": config_hash,
-        "shard": shard,
-        "count": count,
-        "bytes": size,
-        "fields": sum(1 for r in results if r.skip is None),
-        "cells_dropped": sum(r.cells_dropped for r in results),
-        "skipped": [[r.image_id, *r.skip] for r in results if r.skip is not None],
-        "seconds": round(sum(v[5] for v in ordered) + time.perf_counter() - t0, 3),
-        "cpu_seconds": round(sum(v[6] for v in ordered) + time.thread_time() - cpu0, 3),
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
-        "rows": rows,
-    }
+    part = shard_part(task, config_hash, shard, results, size,
+                      seconds=sum(v[5] for v in ordered) + time.perf_counter() - t0,
+                      cpu_seconds=sum(v[6] for v in ordered) + time.thread_time() - cpu0)
     with tempfile.TemporaryDirectory(prefix="hpa-part-") as scratch:
         local = os.path.join(scratch, "part.json")
         with open(local, "w", encoding="utf-8") as f:

@@ -25,7 +25,7 @@ from queue import Empty
 
 from hpa_tf import fileutil
 from hpa_tf.shardset import PARTS_DIR
-from tfrecord_builder.field import encode_field
+from tfrecord_builder.field import FieldResult, encode_field
 from tfrecord_builder.options import BuildError, BuildOptions
 from tfrecord_builder.plan import ShardTask
 
@@ -59,6 +59,29 @@ def check_segmenter(options: BuildOptions) -> object | None:
     except SEGMENTER_ERRORS as e:
         raise BuildError(f"segmenter {options.segmenter}: {e}") from None
     return segmenter if options.workers <= 1 else None
+
+
+def shard_part(task: ShardTask, config_hash: str, shard: str, results: Sequence[FieldResult], size: int,
+               seconds: float, cpu_seconds: float) -> dict:
+    """The part record of one written shard (``parts/{stem}.json``), as both runners write it: what the
+    assembly reads to write the manifest, the skipped list and the summary."""
+    rows: list[list] = []
+    for result in results:
+        rows += result.manifest_rows(shard, len(rows))
+    return {
+        "task": task.identity(),
+        "config_hash": config_hash,
+        "shard": shard,
+        "count": len(rows),
+        "bytes": size,
+        "fields": sum(1 for r in results if r.skip is None),
+        "cells_dropped": sum(r.cells_dropped for r in results),
+        "skipped": [[r.image_id, *r.skip] for r in results if r.skip is not None],  # [image_id, kind, reason]
+        "seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu_seconds, 3),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "rows": rows,
+    }
 
 
 def _peak_rss_mb() -> float:
@@ -97,23 +120,8 @@ def build_shard(task: ShardTask, options: BuildOptions, config_hash: str, segmen
     if len(paths) > 1:  # cannot happen with max_per_shard = 2**62; guards the naming assumption
         raise BuildError(f"{task.stem}: expected one shard, the writer made {paths}")
     shard = paths[0].replace("\\", "/").rsplit("/", 1)[-1] if paths else ""
-    rows: list[list] = []
-    for result in results:
-        rows += result.manifest_rows(shard, len(rows))
-    part = {
-        "task": task.identity(),
-        "config_hash": config_hash,
-        "shard": shard,
-        "count": len(rows),
-        "bytes": fileutil.file_size(paths[0]) if paths else 0,
-        "fields": sum(1 for r in results if r.skip is None),
-        "cells_dropped": sum(r.cells_dropped for r in results),
-        "skipped": [[r.image_id, *r.skip] for r in results if r.skip is not None],  # [image_id, kind, reason]
-        "seconds": round(time.perf_counter() - t0, 3),
-        "cpu_seconds": round(time.process_time() - cpu0, 3),
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
-        "rows": rows,
-    }
+    part = shard_part(task, config_hash, shard, results, fileutil.file_size(paths[0]) if paths else 0,
+                      seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - cpu0)
     fileutil.write_json(fileutil.join(options.out, PARTS_DIR, f"{task.stem}.json"), part)
     return part
 
