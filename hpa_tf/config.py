@@ -83,6 +83,10 @@ class TrainConfig:
         convert=_one_or_many)
     out: str = setting(help="run folder (local or gs://) for checkpoints and logs", group="output")
     manifest: str | None = setting(None, help="manifest.csv", group="data", default_text="beside the shards")
+    task: str | None = setting(
+        None, choices=("cell", "field"), group="data", default_text="the shard set's record kind",
+        help="what the model classifies: 'cell' crops or whole 'field's (image-level model, class activation "
+             "maps); must match the shard set's crop spec kind (build_config.json)")
     val_fold: int | None = setting(0, help="held-out fold ('none': train on all folds)", group="data", type=parse_fold)
     train_folds: Sequence[int] | None = setting(None, help="training folds", group="data",
                                                 default_text="all but --val-fold")

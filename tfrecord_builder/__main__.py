@@ -12,6 +12,8 @@ BUILD_EXAMPLE = """\
 example:
   python -m tfrecord_builder --data-dir data/train --labels data/train.csv --out records \\
       --crop-size 512 --segmenter builtin --workers 4 --folds 5
+  python -m tfrecord_builder --data-dir data/train --labels data/train.csv --out fields \
+      --kind field --size 512 --workers 4 --folds 5
   python -m tfrecord_builder verify records
 
 A killed run resumes when started again with the same arguments; an output made with other
@@ -33,7 +35,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", required=True, help="folder of {ID}_{red,green,blue,yellow}.png|jpg|tif (e.g. train/)")
     p.add_argument("--labels", required=True, help="train.csv with columns ID,Label")
     p.add_argument("--out", required=True, help="output folder (local or gs://)")
-    p.add_argument("--crop-size", type=int, default=crop.size, help=f"crop side in pixels (default {crop.size})")
+    p.add_argument("--kind", default=crop.kind, choices=["cell", "field"],
+                   help="records: 'cell' = one crop per segmented cell, 'field' = each whole field resized to "
+                   f"--size x --size with its image labels, no segmentation (default {crop.kind})")
+    p.add_argument("--crop-size", "--size", dest="crop_size", type=int, default=crop.size,
+                   help=f"crop side (cells) or field side (fields) in pixels (default {crop.size})")
     p.add_argument("--margin", type=float, default=crop.margin,
                    help=f"crop margin: fraction of the cell box's longer side added on each side (default {crop.margin})")
     p.add_argument("--segmenter", default="builtin", choices=["builtin", "hpacellseg"],
@@ -83,7 +89,7 @@ def _logging(quiet: bool) -> None:
 def build_main(argv: Sequence[str]) -> int:
     a = _build_parser().parse_args(argv)
     _logging(a.quiet)
-    if not a.masks_dir:
+    if not a.masks_dir and a.kind == "cell":
         from hpa_tf.segmentation import preload
 
         preload(a.segmenter)  # hpacellseg: PyTorch's stack must be imported before TensorFlow
@@ -95,7 +101,7 @@ def build_main(argv: Sequence[str]) -> int:
     seg_options = {k: v for k, v in (("nuclei_model", a.nuclei_model), ("cell_model", a.cell_model),
                                      ("device", a.device)) if v is not None}
     try:
-        crop = CropSpec(size=a.crop_size, margin=a.margin, mask_neighbors=a.mask_neighbors)
+        crop = CropSpec(kind=a.kind, size=a.crop_size, margin=a.margin, mask_neighbors=a.mask_neighbors)
         options = BuildOptions(
             data_dir=a.data_dir, labels=a.labels, out=a.out, crop=crop, segmenter=a.segmenter,
             segmenter_options=seg_options, masks_dir=a.masks_dir, workers=a.workers, shard_mb=a.shard_mb,

@@ -1,4 +1,5 @@
-"""The per-field unit of work: read → segment (or read saved masks) → crop → encode.
+"""The per-field unit of work: read → segment (or read saved masks) → crop → encode; for a
+``field`` crop spec: read → resize the whole field → encode (one record, no segmentation).
 
 ``encode_field`` is a plain function of plain, picklable inputs and outputs, with no module state
 and no output files: the local runner (``tfrecord_builder.worker``) calls it for every field of a
@@ -120,11 +121,22 @@ def encode_field(
 
     Returns
     -------
-    FieldResult with one serialised example and one manifest row per kept cell, or a skip reason.
+    FieldResult with one serialised example and one manifest row per kept cell (for a ``field`` crop
+    spec: one for the whole field, ``segmenter`` unused), or a skip reason.
     """
-    from hpa_tf.records import encode_example
+    from hpa_tf.records import FIELD_CELL_ID, encode_example, encode_field_example
 
     image, skip = read_field(options.data_dir, image_id)
+    if options.crop.is_field:  # the whole field, resized: no segmentation
+        if image is None:
+            return FieldResult(image_id, skip=skip)
+        height, width = image.shape[:2]
+        example = encode_field_example(
+            options.crop.field(image), labels, image_id, (height, width), fold=fold, source=options.source,
+            encoding=options.encoding, jpeg_quality=options.jpeg_quality, png_compression=options.png_compression)
+        row = (image_id, FIELD_CELL_ID, int(fold), format_labels(labels), None, None, height * width,
+               0, 0, width, height, height, width, options.source)
+        return FieldResult(image_id, (example,), (row,), 0)
     cells = None
     if image is not None:
         cells, skip = field_cells(options, image_id, image, segmenter)

@@ -32,8 +32,9 @@ class BuildOptions:
     data_dir : folder of ``{ID}_{red,green,blue,yellow}.{png,jpg,tif}`` (e.g. Kaggle ``train/``).
     labels : ``train.csv`` (``ID,Label``).
     out : output folder, local or ``gs://…``.
-    crop : the crop spec of every record (``hpa_tf.crops.CropSpec``: size, margin, neighbour masking).
-    segmenter : ``builtin`` or ``hpacellseg`` (ignored when ``masks_dir`` is given).
+    crop : the crop spec of every record (``hpa_tf.crops.CropSpec``: kind, size, margin, neighbour
+        masking); kind ``field`` makes one record per field (the whole field resized), unsegmented.
+    segmenter : ``builtin`` or ``hpacellseg`` (ignored when ``masks_dir`` is given or for ``field`` records).
     segmenter_options : keyword arguments of ``get_segmenter`` (e.g. model paths).
     masks_dir : reuse saved masks ``{masks_dir}/{ID}_cells.png`` instead of segmenting.
     workers : processes (1: in this process).
@@ -126,14 +127,20 @@ def content_config(options: BuildOptions, images_per_shard: int) -> dict:
             seg_opts[key] = {"path": os.path.abspath(value), "bytes": os.path.getsize(value)}
         else:
             seg_opts[key] = value
+    if isinstance(options.crop, CropSpec) and options.crop.is_field:  # no segmentation: none of its settings count
+        segmenter, seg_opts, masks_dir = "none", {}, None
+    else:
+        segmenter = "masks" if options.masks_dir else options.segmenter
+        seg_opts = {} if options.masks_dir else seg_opts
+        masks_dir = os.path.abspath(options.masks_dir) if options.masks_dir else None
     config = {
         "format": FORMAT_VERSION,
         "crop": options.crop.to_dict(),
         "encoding": options.encoding,
         "min_cell_area": int(options.min_cell_area),
-        "segmenter": "masks" if options.masks_dir else options.segmenter,
-        "segmenter_options": {} if options.masks_dir else seg_opts,
-        "masks_dir": os.path.abspath(options.masks_dir) if options.masks_dir else None,
+        "segmenter": segmenter,
+        "segmenter_options": seg_opts,
+        "masks_dir": masks_dir,
         "folds": int(options.folds),
         "seed": int(options.seed),
         "source": options.source,
