@@ -126,3 +126,15 @@ def test_write_dataset_kaggle_layout(tmp_path):
     assert (again / "train.csv").read_text() == (tmp_path / "train.csv").read_text()
     first = sorted(labels)[0]
     np.testing.assert_array_equal(read_rgby(again / "train", first), read_rgby(tmp_path / "train", first))
+
+
+def test_covering_labels_put_every_class_in_some_field():
+    from hpa_tf.synthetic import covering_labels
+
+    for n in (2, 8, 19, 48):
+        labels = covering_labels(n)
+        assert len(labels) == n
+        fixed = [set(x) for x in labels if x is not None]
+        assert set().union(*fixed) == set(range(19))
+        assert [18] in [sorted(x) for x in fixed] and all(18 not in x or x == {18} for x in fixed)
+    assert covering_labels(48)[19:] == [None] * 29

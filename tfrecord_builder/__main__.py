@@ -63,6 +63,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="build only the first N images by sorted ID (folds still use all)")
     p.add_argument("--min-cell-area", type=int, default=0, help="drop cells smaller than this many pixels (default 0)")
     p.add_argument("--source", default="train", help="source name stored in every record (default train)")
+    p.add_argument("--cell-labels", help="CSV ID,CellId,Label giving each cell its own labels instead of its field's "
+                   "(e.g. synthetic train_truth.csv or pseudo-labels); needs --masks-dir")
     p.add_argument("--max-shards", type=int, help="stop after building this many shards (resume later)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -107,7 +109,7 @@ def build_main(argv: Sequence[str]) -> int:
             segmenter_options=seg_options, masks_dir=a.masks_dir, workers=a.workers, shard_mb=a.shard_mb,
             images_per_shard=a.images_per_shard, folds=a.folds, seed=a.seed, encoding=a.encoding,
             png_compression=a.png_compression, jpeg_quality=a.jpeg_quality, limit=a.limit,
-            min_cell_area=a.min_cell_area, source=a.source,
+            min_cell_area=a.min_cell_area, source=a.source, cell_labels=a.cell_labels,
         )
         result = build(options, progress=not a.no_progress, max_shards=a.max_shards)
     except (BuildError, LabelError, CsvFormatError, CropSpecError) as e:

@@ -45,6 +45,9 @@ class BuildOptions:
     limit : build only the first ``limit`` images by sorted ID (folds still over all of them).
     min_cell_area : cells with fewer pixels (original resolution) are dropped and counted.
     source : the ``source`` feature of every record (e.g. ``train``, ``hpa-public``).
+    cell_labels : a CSV ``ID,CellId,Label`` (other columns ignored, e.g. the synthetic
+        ``train_truth.csv``) giving each cell its own labels instead of its field's; needs
+        ``masks_dir`` (the cell ids are the saved masks'). Cells it does not list are dropped.
     """
 
     data_dir: str
@@ -65,6 +68,7 @@ class BuildOptions:
     limit: int | None = None
     min_cell_area: int = 0
     source: str = "train"
+    cell_labels: str | None = None
 
 
 def check_options(options: BuildOptions) -> None:
@@ -94,6 +98,11 @@ def check_options(options: BuildOptions) -> None:
         problems.append(f"data dir {options.data_dir} is not a folder")
     if not os.path.isfile(options.labels):
         problems.append(f"labels file {options.labels} not found")
+    if options.cell_labels is not None:
+        if not os.path.isfile(options.cell_labels):
+            problems.append(f"cell labels file {options.cell_labels} not found")
+        if options.masks_dir is None or (isinstance(options.crop, CropSpec) and options.crop.is_field):
+            problems.append("cell labels need cell records from saved masks (masks_dir, kind 'cell'): their ids")
     if options.masks_dir is not None and not os.path.isdir(options.masks_dir):
         problems.append(f"masks dir {options.masks_dir} is not a folder")
     if problems:
@@ -150,6 +159,9 @@ def content_config(options: BuildOptions, images_per_shard: int) -> dict:
         "limit": options.limit,
         "images_per_shard": int(images_per_shard),
     }
+    if options.cell_labels is not None:
+        config["cell_labels_file"] = os.path.abspath(options.cell_labels)
+        config["cell_labels_sha256"] = _sha256(options.cell_labels)
     if options.encoding == "png":
         config["png_compression"] = int(options.png_compression)
     else:
