@@ -49,7 +49,7 @@ class DemoSettings:
     image_size: int = 48
     mask_neighbors: bool = True
     backbone: str = "tiny_cnn"
-    epochs: int = 12
+    epochs: int = 20
     batch_size: int = 64
     lr: float = 3e-3
     field_size: int = 256
