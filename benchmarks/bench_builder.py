@@ -2,10 +2,13 @@
 
     python benchmarks/bench_builder.py [--data /tmp/hpa_bench_2048] [--fields 8] [--size 2048]
                                        [--crop-size 512] [--segmenter builtin|masks]
+                                       [--runner local|beam|both] [--throughput-only]
 
 1. fields/s and cells/s of a whole build (``tfrecord_builder.build``) with 1 and 2 workers
    (wall time including the start of the worker processes, and per-field work time), and the peak
-   memory of a worker;
+   memory of a worker; with ``--runner beam`` (or ``both``) also on Apache Beam's local runner
+   (``--runner beam``: in this process with 1 worker, worker processes with 2), whose CPU seconds
+   per field are the per-vCPU figure of a Dataflow build;
 2. bytes per cell for PNG and JPEG, with and without neighbour masking (saved masks, 4 fields);
 3. a per-stage profile of one worker on a few fields: read, segment, crop, encode (PNG levels, JPEG).
 The synthetic fields are written once to ``--data`` and reused.
@@ -45,9 +48,17 @@ def _build(data: Path, n: int, crop_size: int, mask_neighbors: bool = False, **k
         options = BuildOptions(data_dir=str(data / "train"), labels=str(data / "train.csv"), out=tmp + "/out",
                                crop=CropSpec(size=crop_size, mask_neighbors=mask_neighbors), folds=2, limit=n,
                                images_per_shard=max(1, n // 4), **kw)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
         result = build(options)
-        return time.perf_counter() - t0, result.summary
+        return time.perf_counter() - t0, {**result.summary, "build_cpu_seconds": _cpu_seconds() - cpu0}
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished child processes (pool or Beam workers)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _noop(_: int) -> int:
@@ -75,6 +86,9 @@ def main() -> None:
     p.add_argument("--size", type=int, default=2048)
     p.add_argument("--crop-size", type=int, default=512)
     p.add_argument("--segmenter", default="builtin", choices=["builtin", "masks"])
+    p.add_argument("--runner", default="local", choices=["local", "beam", "both"],
+                   help="builder runner(s) of the throughput section (beam: pip install .[beam])")
+    p.add_argument("--throughput-only", action="store_true", help="only the throughput section")
     a = p.parse_args()
     data = _dataset(Path(a.data), a.fields, a.size)
     seg = {"masks_dir": str(data / "masks")} if a.segmenter == "masks" else {"segmenter": "builtin"}
@@ -84,16 +98,27 @@ def main() -> None:
     print("\n== throughput (whole build) ==")
     start = _worker_start_seconds(2)
     print(f"starting 2 spawned workers (import of TensorFlow etc.): {start:.1f} s")
-    print(f"{'workers':>7} {'wall s':>7} {'fields/s':>8} {'cells/s':>8} {'fields/s*':>9} {'work s/field':>12} "
-          f"{'CPU s/field':>11} {'peak MB/worker':>14}")
-    for workers in (1, 2):
-        wall, s = _build(data, a.fields, crop_size=a.crop_size, workers=workers, **seg)
-        steady = wall - (start if workers > 1 else 0.0)
-        print(f"{workers:>7} {wall:>7.1f} {s['fields'] / wall:>8.2f} {s['cells'] / wall:>8.1f} "
-              f"{s['fields'] / steady:>9.2f} {s['work_seconds'] / max(s['fields'], 1):>12.2f} "
-              f"{s['work_cpu_seconds'] / max(s['fields'], 1):>11.2f} {s['peak_worker_rss_mb']:>14.0f}", flush=True)
+    print(f"{'runner':>6} {'workers':>7} {'wall s':>7} {'fields/s':>8} {'cells/s':>8} {'fields/s*':>9} "
+          f"{'work s/field':>12} {'CPU s/field':>11} {'fields/s/vCPU':>13} {'all CPU s/field':>15} "
+          f"{'peak MB/worker':>14}")
+    runners = ["local", "beam"] if a.runner == "both" else [a.runner]
+    for runner in runners:
+        if runner == "beam":
+            import apache_beam  # noqa: F401  (its import is not the build's time)
+        for workers in (1, 2):
+            wall, s = _build(data, a.fields, crop_size=a.crop_size, workers=workers, runner=runner, **seg)
+            steady = wall - (start if workers > 1 else 0.0)
+            cpu = s["work_cpu_seconds"] / max(s["fields"], 1)
+            print(f"{runner:>6} {workers:>7} {wall:>7.1f} {s['fields'] / wall:>8.2f} {s['cells'] / wall:>8.1f} "
+                  f"{s['fields'] / steady:>9.2f} {s['work_seconds'] / max(s['fields'], 1):>12.2f} "
+                  f"{cpu:>11.2f} {1 / max(cpu, 1e-9):>13.2f} {s['build_cpu_seconds'] / max(s['fields'], 1):>15.2f} "
+                  f"{s['peak_worker_rss_mb']:>14.0f}", flush=True)
     print("(fields/s*: without the workers' start; work s/field: wall seconds of one worker per field;\n"
-          " CPU s/field: its CPU seconds, independent of other load: N cores give at most N / that fields/s)")
+          " CPU s/field: its CPU seconds, independent of other load: N cores give at most N / that fields/s;\n"
+          " fields/s/vCPU = 1 / CPU s/field; all CPU s/field: every CPU second of the build (this process and\n"
+          " its pool or Beam worker processes: start-up, imports, Beam's own work) per field)")
+    if a.throughput_only:
+        return
 
     print("\n== bytes per cell (saved masks, 4 fields) ==")
     print(f"{'encoding':>8} {'neighbours':>10} {'kB/cell':>8} {'MB/field':>8}")

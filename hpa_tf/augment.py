@@ -230,7 +230,10 @@ class RandomAugment(keras.layers.Layer):
                                      "contrast": contrast, "seed": seed})
         self.flip, self.rotate90 = settings["flip"], settings["rotate90"]
         self.brightness, self.contrast, self.seed = settings["brightness"], settings["contrast"], settings["seed"]
-        self.seed_generator = keras.random.SeedGenerator(seed, name="augment_seed")
+        try:
+            self.seed_generator = keras.random.SeedGenerator(seed, name="augment_seed")
+        except ValueError:  # Keras 3.0 takes no name
+            self.seed_generator = keras.random.SeedGenerator(seed)
         self.supports_masking = True
 
     @property

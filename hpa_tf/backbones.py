@@ -32,6 +32,24 @@ def is_tiny(backbone: str) -> bool:
     return str(backbone).lower() in TINY_BACKBONES
 
 
+def backbone_names() -> list[str]:
+    """Every backbone name ``build_classifier`` takes (``hpa_tf.model.BACKBONES``, then these)."""
+    return [*hpa_model.BACKBONES, *TINY_BACKBONES]
+
+
+def check_backbone(backbone: str) -> str:
+    """The canonical name of a backbone ``build_classifier`` takes (cheap: nothing is built).
+
+    Raises ValueError for an unknown name, listing every valid one (``tiny_cnn`` included).
+    """
+    if is_tiny(backbone):
+        return str(backbone).lower()
+    try:
+        return hpa_model.resolve_backbone(backbone)
+    except ValueError:
+        raise ValueError(f"unknown backbone {backbone!r}; valid: {', '.join(backbone_names())}") from None
+
+
 def build_tiny_cnn(
     image_size: int = 64,
     channels: int = 4,
@@ -77,6 +95,7 @@ def build_classifier(
     augment: Mapping[str, Any] | None = None,
 ) -> keras.Model:
     """``build_tiny_cnn`` for a name in ``TINY_BACKBONES``, else ``hpa_tf.model.build_model``."""
+    check_backbone(backbone)
     if is_tiny(backbone):
         if weights is not None:
             raise ValueError(f"backbone {backbone!r} has no pretrained weights (got weights={weights!r})")

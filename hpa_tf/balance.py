@@ -34,10 +34,11 @@ def repeat_factors(class_counts: Sequence[int] | np.ndarray, n_examples: int, th
     return np.maximum(r, 1.0).astype(np.float32)
 
 
-def example_repeat(labels: tf.Tensor, factors: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """How many copies of an example to emit: ``max`` of its classes' factors, stochastically rounded
-    (expected value = the factor); int64 scalar. ``labels`` (19,) multi-hot; unlabelled → 1."""
-    r = tf.maximum(tf.reduce_max(labels * factors), 1.0)
+def example_repeat(labels: tf.Tensor, factors: tf.Tensor, seed: tf.Tensor, scale: tf.Tensor | float = 1.0) -> tf.Tensor:
+    """How many copies of an example to emit: ``max`` of its classes' factors times ``scale`` (the
+    weight of its source; 0 drops it), stochastically rounded (expected value = factor × scale);
+    int64 scalar. ``labels`` (19,) multi-hot; unlabelled → 1 × scale."""
+    r = tf.maximum(tf.reduce_max(labels * factors), 1.0) * tf.cast(scale, tf.float32)
     base = tf.floor(r)
     extra = tf.cast(tf.random.stateless_uniform([], seed) < (r - base), tf.float32)
     return tf.cast(base + extra, tf.int64)

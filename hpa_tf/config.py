@@ -13,6 +13,7 @@ What defines a crop is not a setting of either program: it travels with the data
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -73,6 +74,36 @@ def parse_weights(text: str | Sequence[float]) -> tuple[float, float, float]:
         raise ValueError(f"fusion weights must be three numbers a,b,c >= 0, not all 0, got {text!r}")
     return values  # type: ignore[return-value]
 
+def parse_sources(text: str) -> tuple[str, ...]:
+    """Source names from one command-line word: ``train,hpa-public`` → ``("train", "hpa-public")``
+    (``argparse.ArgumentTypeError`` when empty)."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"no source name in {text!r}")
+    return names
+
+
+def parse_source_weights(text: str) -> tuple[tuple[str, float], ...]:
+    """``NAME=W[,NAME=W…]`` from one command-line word → ``(("hpa-public", 0.5), …)`` (W finite, >= 0)."""
+    pairs = []
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        name, eq, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not eq or not name.strip() or not (weight >= 0.0 and weight != float("inf")):
+            raise argparse.ArgumentTypeError(f"{item!r}: expected SOURCE=WEIGHT with a weight >= 0, e.g. hpa-public=0.5")
+        pairs.append((name.strip(), weight))
+    if not pairs:
+        raise argparse.ArgumentTypeError(f"no SOURCE=WEIGHT in {text!r}")
+    return tuple(pairs)
+
+
+def _flatten(groups: Sequence[Sequence]) -> tuple:
+    """One tuple from the per-word tuples of a ``nargs="+"`` flag (later entries win for weights)."""
+    return tuple(item for group in groups for item in group)
+
 
 def _one_or_many(paths: Sequence[str]) -> str | Sequence[str]:
     return paths[0] if len(paths) == 1 else list(paths)
@@ -104,6 +135,15 @@ class TrainConfig:
     train_folds: Sequence[int] | None = setting(None, help="training folds", group="data",
                                                 default_text="all but --val-fold")
     channels: str = setting("rgby", help="input planes, letters of rgby (e.g. rgby, rgb, g)", group="data")
+    sources: Sequence[str] | None = setting(
+        None, help="train and validate on the records of these sources only (the records' 'source': train for "
+        "the competition's fields, hpa-public for downloaded ones), e.g. train,hpa-public", group="data",
+        type=parse_sources, convert=_flatten, metavar="SOURCE[,SOURCE]", default_text="all")
+    source_weights: Sequence[tuple[str, float]] | None = setting(
+        None, help="draw the training records of a source W times on average, e.g. hpa-public=0.5 (0 leaves them "
+        "out of training; sources not named: 1); steps per epoch and class balance count the weighted records",
+        group="data", type=parse_source_weights, convert=_flatten, metavar="SOURCE=W[,SOURCE=W]",
+        default_text="1 for every source")
     balance: bool = setting(False, help="oversample rare classes (repeat-factor sampling)", group="data")
     balance_threshold: float = setting(
         0.05, help="classes rarer than this fraction of examples are repeated sqrt(threshold/freq) times",
@@ -120,6 +160,10 @@ class TrainConfig:
     contrast: float = setting(DEFAULT_AUGMENT.contrast, group="augmentation",
                               help="per-channel gain drawn from 1 ± contrast")
     shuffle_buffer: int = setting(1024, help="examples in the shuffle buffer", group="data")
+    skip_corrupt_shards: bool = setting(
+        False, group="data",
+        help="read every shard first and train without the corrupt or truncated ones, counted in the log "
+             "(off: a damaged shard stops the run with its name)")
     backbone: str = setting("efficientnet_b0", group="model",
                             help="efficientnet_b0..b7, efficientnet_v2_b0..b3/s/m/l, or tiny_cnn (small, for CPU runs)")
     image_size: int = setting(256, help="model input side in pixels (crops are resized to it)", group="model")
@@ -149,8 +193,11 @@ class TrainConfig:
     mixed_precision: str = setting(
         "float32", nargs="?", const="auto", choices=("auto", "float32", "mixed_bfloat16", "mixed_float16"),
         group="hardware", help="dtype policy; the bare flag means auto = bfloat16 on TPU, float16 on GPU")
-    steps_per_execution: int = setting(1, help="training steps per host call (TPU: 32+)", group="hardware")
-    jit_compile: str = setting("auto", choices=("auto", "on", "off"), help="XLA for GPU/CPU steps", group="hardware")
+    steps_per_execution: int = setting(1, help="training steps per host call (TPU: 32+; must be 1 with several GPUs)",
+                                       group="hardware")
+    jit_compile: str = setting("auto", choices=("auto", "on", "off"), group="hardware",
+                               help="XLA for the training step on one GPU/CPU (auto: on a GPU); off with several "
+                                    "GPUs; a TPU always compiles with XLA, whatever this says")
     resume: bool = setting(False, help="continue from OUT/last.keras + state.json if present", group="output")
     tensorboard: bool = setting(True, help="TensorBoard logs under OUT/tensorboard", group="output")
     verbose: int = setting(2, choices=(0, 1, 2), help="Keras: 0 silent, 1 bar, 2 a line/epoch", group="output")

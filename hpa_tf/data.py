@@ -3,10 +3,11 @@
 Which shards, their counts and their crop spec come from ``hpa_tf.shardset`` (``split_folds``);
 ``make_dataset`` turns shard paths and an ``InputConfig`` into a ``tf.data.Dataset``:
 
-training   files (shuffled) → interleave → [repeat-factor resampling] → shuffle → repeat → map
+training   files (shuffled) → interleave → [sources] → [repeat-factor and source-weight resampling]
+           → shuffle → repeat → map
            (parse, decode, channels, augment, resize, float32 0..255) → batch(drop_remainder) → prefetch
            elements ``(images (B, S, S, C) float32, labels (B, 19) float32)``
-evaluation files → interleave (deterministic) → map → batch → pad the last batch → prefetch
+evaluation files → interleave (deterministic) → [sources] → map → batch → pad the last batch → prefetch
            elements ``(images, labels, weights (B,) float32)``: padded rows have weight 0, so that
            TPUs see static shapes and metrics ignore the padding (big_vision's pad-and-mask)
 
@@ -14,6 +15,13 @@ Pixels stay on the 0..255 scale: the model normalises its own input. Random augm
 (``hpa_tf.augment``) uses stateless ops seeded per example from ``tf.data.Dataset.random``, so a
 map function gives the same result eagerly and inside ``tf.data`` for the same seed (tested), and
 every epoch differs. Class balance: ``hpa_tf.balance``.
+
+Sources: every record carries where its field came from (``source``: ``train`` for the
+competition's fields, ``hpa-public`` for the downloaded ones, …). ``InputConfig.sources`` keeps
+only the records of those sources (training and evaluation; ``hpa_tf.shardset.split_folds``
+counts them from the manifest the same way); ``InputConfig.source_weights`` draws a training
+record of a weighted source that many times on average (0.5: every other one, 2: twice; 1 for
+sources not named), on top of the class balance.
 """
 
 from __future__ import annotations
@@ -51,6 +59,9 @@ class InputConfig:
     channels : which planes, e.g. ``rgby``, ``g``, ``rgb``.
     augment : host (tf.data) augmentation when training (None: none; never when evaluating).
     balance : (19,) per-class repeat factors (``hpa_tf.balance.repeat_factors``) when training.
+    sources : keep only the records of these sources (None: all), in training and evaluation.
+    source_weights : ``((source, weight), …)``: a training record of that source is drawn
+        ``weight`` times on average (stochastic rounding; 0 leaves it out); others once.
     shuffle_buffer : examples (still encoded: ~S² × 4 × 0.4 bytes each) in the shuffle buffer.
     seed : seeds file order, shuffling, augmentation and resampling (None: random).
     cycle_length : shards read in parallel.
@@ -62,6 +73,8 @@ class InputConfig:
     channels: str = CHANNEL_ORDER
     augment: AugmentConfig | None = None
     balance: tuple[float, ...] | None = None
+    sources: tuple[str, ...] | None = None
+    source_weights: tuple[tuple[str, float], ...] = ()
     shuffle_buffer: int = 1024
     seed: int | None = None
     cycle_length: int = 16
@@ -76,6 +89,16 @@ class InputConfig:
             if len(factors) != NUM_CLASSES or np.asarray(self.balance).ndim != 1:
                 raise DataError(f"balance needs ({NUM_CLASSES},) per-class repeat factors, got {np.shape(self.balance)}")
             object.__setattr__(self, "balance", factors)
+        if self.sources is not None:
+            sources = tuple(dict.fromkeys(str(x) for x in self.sources))
+            if not sources:
+                raise DataError("sources: an empty list keeps no record (None keeps all)")
+            object.__setattr__(self, "sources", sources)
+        pairs = tuple((str(k), float(v)) for k, v in dict(self.source_weights).items())
+        bad = [f"{k}={v}" for k, v in pairs if not (v >= 0.0 and math.isfinite(v))]
+        if bad:
+            raise DataError(f"source weights must be finite and >= 0, got {bad}")
+        object.__setattr__(self, "source_weights", pairs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +187,33 @@ def _label_only(serialized: tf.Tensor) -> tf.Tensor:
     return labels_to_multi_hot(tf.sparse.to_dense(parsed["labels"]))
 
 
+_LABELS_SOURCE_SPEC = {k: FEATURE_SPEC[k] for k in ("labels", "source")}
+
+
+def _labels_source(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    parsed = tf.io.parse_single_example(serialized, _LABELS_SOURCE_SPEC)
+    return labels_to_multi_hot(tf.sparse.to_dense(parsed["labels"])), parsed["source"]
+
+
+def _source_filter(sources: Sequence[str]):
+    """A ``Dataset.filter`` predicate: the record's source is one of ``sources``."""
+    wanted = tf.constant(list(sources))
+
+    def keep(serialized: tf.Tensor) -> tf.Tensor:
+        parsed = tf.io.parse_single_example(serialized, {"source": FEATURE_SPEC["source"]})
+        return tf.reduce_any(tf.equal(parsed["source"], wanted))
+
+    return keep
+
+
+def _source_weight(source: tf.Tensor, weights: Sequence[tuple[str, float]]) -> tf.Tensor:
+    """float32 weight of a record's source (1 for sources not in ``weights``)."""
+    weight = tf.constant(1.0, tf.float32)
+    for name, value in weights:
+        weight = tf.where(tf.equal(source, name), tf.constant(value, tf.float32), weight)
+    return weight
+
+
 # ---------------------------------------------------------------------------------------------
 # datasets
 # ---------------------------------------------------------------------------------------------
@@ -247,14 +297,18 @@ def make_dataset(
     # epoch boundary; batch with drop_remainder for static shapes (TPU); prefetch last to overlap
     # input with the training step.
     ds = _records(shards, training, new_seed(), config.cycle_length)
-    if training and config.balance is not None:
-        factors_t = tf.constant(config.balance, tf.float32)
+    if config.sources is not None:
+        ds = ds.filter(_source_filter(config.sources))
+    weighted = [(k, v) for k, v in config.source_weights if v != 1.0]
+    if training and (config.balance is not None or weighted):
+        factors_t = tf.constant(config.balance if config.balance is not None else [1.0] * NUM_CLASSES, tf.float32)
         draws = tf.data.Dataset.random(seed=new_seed(), rerandomize_each_iteration=True)
         ds = tf.data.Dataset.zip(ds, draws)
 
         def copies(serialized: tf.Tensor, draw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             seed_ = tf.stack([draw, tf.constant(7, tf.int64)])
-            return serialized, example_repeat(_label_only(serialized), factors_t, seed_)
+            labels, source = _labels_source(serialized)
+            return serialized, example_repeat(labels, factors_t, seed_, _source_weight(source, weighted))
 
         def emit(serialized: tf.Tensor, count: tf.Tensor) -> tf.data.Dataset:
             return tf.data.Dataset.from_tensors(serialized).repeat(count)
@@ -292,10 +346,42 @@ def make_dataset(
     return ds.with_options(options)
 
 
-def eval_labels(shards: Sequence[str], cycle_length: int = 16) -> np.ndarray:
-    """(N, 19) float32 labels of every example, in the order ``make_dataset(..., training=False)`` yields
-    them (the same deterministic interleave; images are not decoded)."""
-    ds = _records([str(s) for s in shards], False, None, cycle_length).map(_label_only, num_parallel_calls=AUTOTUNE)
+#: Dataset ops that call back into Python: a TPU worker cannot run them (and they hold the GIL).
+PYTHON_OPS: frozenset[str] = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc"})
+
+
+def dataset_ops(dataset: tf.data.Dataset) -> set[str]:
+    """Names of every op in the graph of ``dataset``, map/filter/interleave functions included."""
+    graph = tf.compat.v1.GraphDef()
+    graph.ParseFromString(dataset._as_serialized_graph().numpy())  # noqa: SLF001 - tf.data's own graph
+    ops = {node.op for node in graph.node}
+    for function in graph.library.function:
+        ops.update(node.op for node in function.node_def)
+    return ops
+
+
+def tpu_problems(dataset: tf.data.Dataset) -> list[str]:
+    """Why ``dataset`` cannot feed a TPU (empty when it can): a dimension of an element that is not
+    static (the batch dimension too: batch with ``drop_remainder=True``), or an op that calls Python
+    (``tf.py_function``, ``tf.numpy_function``)."""
+    problems = []
+    for spec in tf.nest.flatten(dataset.element_spec):
+        if not spec.shape.is_fully_defined():
+            problems.append(f"element shape {spec.shape} is not static")
+    python = sorted(dataset_ops(dataset) & PYTHON_OPS)
+    if python:
+        problems.append(f"Python ops in the pipeline: {', '.join(python)}")
+    return problems
+
+
+def eval_labels(shards: Sequence[str], cycle_length: int = 16, sources: Sequence[str] | None = None) -> np.ndarray:
+    """(N, 19) float32 labels of every example (of ``sources``; None: all), in the order
+    ``make_dataset(..., training=False)`` yields them (the same deterministic interleave; images are
+    not decoded)."""
+    ds = _records([str(s) for s in shards], False, None, cycle_length)
+    if sources is not None:
+        ds = ds.filter(_source_filter(sources))
+    ds = ds.map(_label_only, num_parallel_calls=AUTOTUNE)
     chunks = [b.numpy() for b in ds.batch(8192)]
     return np.concatenate(chunks, axis=0) if chunks else np.zeros((0, NUM_CLASSES), np.float32)
 

@@ -228,6 +228,12 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings) -> dict:
                            epochs=settings.field_epochs, batch_size=settings.field_batch_size, lr=settings.field_lr)
     model_path = trained.best_path or trained.last_path
     field_path = trained_field.best_path or trained_field.last_path
+    for name, t, path in (("cell model", trained, model_path), ("field model", trained_field, field_path)):
+        if t.epochs_completed > t.initial_epoch:
+            best = f", best {t.monitor} {t.best_value:.3f}" if t.best_value is not None else ""
+            print(f"  {name}: {t.epochs_completed} epoch(s){best} -> {path}")
+        else:
+            print(f"  {name}: already trained ({t.epochs_completed} epochs), kept")
     did = trained.epochs_completed > trained.initial_epoch or trained_field.epochs_completed > trained_field.initial_epoch
     sup_path = None
     if settings.supervised:
@@ -265,7 +271,8 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings) -> dict:
           f"cell {weights[0]:g}, image {weights[1]:g}, CAM {weights[2]:g}")
     submission = out / "submission.csv"
     predicted = _predict(data / "test", test_ids, masks, submission, [model_path], [field_path], fusion, weights)
-    print(f"  {predicted['fields']} fields, {predicted['cells']} cells -> {submission}")
+    kept = ", all from the cache, kept" if predicted["cached"] == predicted["fields"] else ""
+    print(f"  {predicted['fields']} fields, {predicted['cells']} cells -> {submission}{kept}")
     sup_sub = None
     if sup_path:
         sup_sub = out / "supervised" / "submission.csv"
@@ -353,6 +360,9 @@ def _write_report(out, settings, data, train_dir, field_dir, model_path, built, 
     # montage: cells of the test fields cropped as the cell model's model.json says, the target cell
     # outlined, titled with the fused scores the submission holds
     truth: dict[tuple[str, int], list[int]] = {}
+    from hpa_tf.fileutil import raise_csv_field_size_limit
+
+    raise_csv_field_size_limit()
     with open(data / "truth.csv", newline="") as f:
         for row in csv.DictReader(f):
             truth[(row["ID"], int(row["CellId"]))] = [int(c) for c in row["Label"].split("|")]
@@ -481,18 +491,36 @@ def _write_report(out, settings, data, train_dir, field_dir, model_path, built, 
     return figures
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hpa_tf demo", description=__doc__,
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The demo's command line (``prog``: the name its usage shows)."""
+    from hpa_tf.cli import plain
+
+    d, q = PRESETS["default"], PRESETS["quick"]
+
+    def preset(key: str) -> str:
+        return f"(default: {getattr(d, key)}; with --quick: {getattr(q, key)})"
+
+    p = argparse.ArgumentParser(prog=prog or "python -m hpa_tf demo", description=plain(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--quick", action="store_true", help="a small run (no supervised reference)")
-    p.add_argument("--epochs", type=int, help="override the number of epochs")
-    p.add_argument("--backbone", help="override the backbone (e.g. efficientnet_b0, tiny_cnn)")
-    p.add_argument("--train-fields", type=int, help="override the number of training fields")
-    p.add_argument("--seed", type=int, help="override the seed")
+    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a small run: {q.train_fields} training and {q.test_fields} test fields of {q.size} px, "
+                        f"{q.epochs} epochs (default: {d.train_fields} and {d.test_fields} fields of {d.size} px, "
+                        f"{d.epochs} epochs)")
+    p.add_argument("--epochs", type=int, help=f"number of epochs {preset('epochs')}")
+    p.add_argument("--backbone", help=f"backbone, e.g. efficientnet_b0 or tiny_cnn {preset('backbone')}")
+    p.add_argument("--train-fields", type=int, help=f"number of training fields {preset('train_fields')}")
+    p.add_argument("--seed", type=int, help=f"seed of the data, folds and training {preset('seed')}")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    from hpa_tf.cli import quiet_tensorflow
+
+    quiet_tensorflow()  # CPU-only machines: hide CUDA-probe noise
+    p = build_parser(prog)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # CPU-only machines: hide CUDA-probe noise
     settings = PRESETS["quick" if a.quick else "default"]
     overrides = {k: v for k, v in (("epochs", a.epochs), ("backbone", a.backbone), ("train_fields", a.train_fields),
                                    ("seed", a.seed)) if v is not None}

@@ -80,7 +80,7 @@ def connect_tpu(tpu: str | None = None) -> tf.distribute.TPUStrategy:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise AcceleratorNotFoundError(
             f"no TPU at tpu={address!r}: {type(err).__name__}: {first_line[:300]}. "
-            "On a TPU VM use tpu='local'; otherwise choose kind='gpu', 'cpu' or 'auto'."
+            "On a TPU VM use tpu='local' (--tpu local); otherwise choose kind='gpu', 'cpu' or 'auto' (--strategy)."
         ) from None
     strategy = tf.distribute.TPUStrategy(resolver)
     logger.info("TPU strategy at %r: %d replicas", address, strategy.num_replicas_in_sync)
@@ -195,6 +195,67 @@ def describe(strategy: tf.distribute.Strategy) -> dict[str, Any]:
     except (RuntimeError, AttributeError, NotImplementedError):  # default strategy has none
         devices = []
     return {"strategy": type(strategy).__name__, "replicas": int(strategy.num_replicas_in_sync), "devices": devices}
+
+
+#: ``--jit-compile`` choices.
+JIT_CHOICES: tuple[str, ...] = ("auto", "on", "off")
+
+
+def jit_compile_for(strategy: tf.distribute.Strategy, requested: str = "auto") -> bool | str:
+    """Keras' ``compile(jit_compile=...)`` for ``requested`` (``"auto"``, ``"on"``, ``"off"``) under ``strategy``.
+
+    * TPU: ``False`` whatever is asked: ``TPUStrategy`` compiles every replica's step with XLA
+      itself, and Keras' own XLA wrapper around it is known to break TPU runs (keras-hub#443).
+    * Several replicas of a ``MirroredStrategy``: ``False``; ``"on"`` raises, since Keras 3 would
+      compile the step of all devices as one XLA cluster, which XLA refuses ("Trying to access
+      resource ... located in device CPU:1 from device CPU:0", keras#19005).
+    * One replica: ``True`` for ``"on"``, ``False`` for ``"off"``, and ``"auto"`` lets Keras decide
+      (XLA on a GPU, not on a CPU).
+
+    Raises
+    ------
+    ValueError
+        An unknown value, or ``"on"`` with several mirrored replicas.
+    """
+    requested = str(requested).lower()
+    if requested not in JIT_CHOICES:
+        raise ValueError(f"jit_compile {requested!r} not understood; valid: {', '.join(JIT_CHOICES)}")
+    kind = strategy_kind(strategy)
+    if kind == "tpu":
+        if requested == "on":
+            logger.info("jit_compile on: TPUStrategy compiles with XLA itself; Keras' jit_compile stays off")
+        return False
+    replicas = int(strategy.num_replicas_in_sync)
+    if replicas > 1:
+        if requested == "on":
+            raise ValueError(
+                f"--jit-compile on does not work with MirroredStrategy over {replicas} devices (Keras 3 compiles "
+                "the step of all devices as one XLA program, which XLA refuses); use --jit-compile auto or off"
+            )
+        return False
+    return {"auto": "auto", "on": True, "off": False}[requested]
+
+
+def check_steps_per_execution(strategy: tf.distribute.Strategy, steps: int) -> int:
+    """``steps`` (>= 1) if Keras can run that many steps per call under ``strategy``.
+
+    Raises
+    ------
+    ValueError
+        ``steps`` < 1, or ``steps`` > 1 with a ``MirroredStrategy`` over several devices: Keras 3's
+        multi-step loop fails there with "You must feed a value for placeholder tensor" (keras#19246;
+        reproduced with a plain ``Dense`` model on two logical CPUs, Keras 3.15 / TF 2.21).
+    """
+    steps = int(steps)
+    if steps < 1:
+        raise ValueError(f"--steps-per-execution must be >= 1, got {steps}")
+    replicas = int(strategy.num_replicas_in_sync)
+    if steps > 1 and replicas > 1 and strategy_kind(strategy) != "tpu":
+        raise ValueError(
+            f"--steps-per-execution {steps} does not work with MirroredStrategy over {replicas} devices in Keras 3 "
+            "(keras#19246); use --steps-per-execution 1 there (values > 1 are for TPUs and single devices)"
+        )
+    return steps
 
 
 _POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")

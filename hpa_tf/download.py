@@ -70,7 +70,7 @@ import urllib3
 from urllib3.exceptions import HTTPError, MaxRetryError
 from urllib3.util.retry import Retry
 
-from hpa_tf.fileutil import atomic_open
+from hpa_tf.fileutil import atomic_open, raise_csv_field_size_limit
 from hpa_tf.io import CHANNELS
 from hpa_tf.labels import NUM_CLASSES, LabelError, classes_of_names, format_labels, parse_labels
 
@@ -198,6 +198,7 @@ def read_list(path: str | os.PathLike, include_trainset: bool = False) -> FieldL
     except UnicodeDecodeError as e:
         raise ListError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     first_line = text.split("\n", 1)[0]
+    raise_csv_field_size_limit()
     reader = csv.DictReader(io.StringIO(text), delimiter=_sniff_delimiter(first_line))
     header = [h.strip() for h in (reader.fieldnames or [])]
     if not header:
@@ -701,9 +702,10 @@ failed (listed in OUT/failed.csv; rerun to try them again), 2 for a bad list or 
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The command line (``prog``: the name its usage shows)."""
     p = argparse.ArgumentParser(
-        prog="python -m hpa_tf.download",
+        prog=prog or "python -m hpa_tf.download",
         description="Fetch the public Human Protein Atlas images of a list ({prefix}_{color}.jpg per field) into "
         "OUT/train and write OUT/train.csv in the 19 classes, with retries, resume and a report of failures.",
         epilog=EXAMPLE,
@@ -732,8 +734,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = build_parser()
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    p = build_parser(prog)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(message)s")
     logging.getLogger("urllib3").setLevel(logging.ERROR)  # retries are routine; what fails in the end is in failed.csv

@@ -8,9 +8,12 @@ stay free of TensorFlow); local paths use the standard library.
 from __future__ import annotations
 
 import contextlib
+import csv
+import errno
 import glob as _glob
 import json
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -146,3 +149,45 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs):
                 kwargs.setdefault("encoding", "utf-8")
             with open(tmp, mode, **kwargs) as f:
                 yield f
+
+
+def raise_csv_field_size_limit() -> None:
+    """Let Python's ``csv`` read fields of any size (a process-wide setting).
+
+    A PredictionString or an encoded truth mask reaches hundreds of kilobytes, past ``csv``'s
+    default field limit of 128 KiB (``_csv.Error: field larger than field limit``). Every CSV
+    reader of the project calls this first; a user's own script reading these files needs
+    ``csv.field_size_limit(sys.maxsize)`` (or this function, also importable from
+    ``hpa_tf.submission`` and ``hpa_tf.io``) too.
+    """
+    limit = sys.maxsize
+    while True:
+        try:
+            csv.field_size_limit(limit)
+            return
+        except OverflowError:  # pragma: no cover - 32-bit C long
+            limit //= 2
+
+
+def describe_write_error(exc: BaseException, out: str | os.PathLike) -> str | None:
+    """One line for an error met while writing under ``out`` (a full disk, no permission, a
+    TensorFlow file-system error), or None when ``exc`` is not such an error.
+
+    Writers here go through temporary names, so the line can say that nothing half-written is left
+    under a final name and that a rerun resumes.
+    """
+    if isinstance(exc, OSError):
+        what = exc.strerror or str(exc)
+        where = exc.filename or out
+        full = exc.errno == errno.ENOSPC
+    elif type(exc).__module__.startswith("tensorflow") and hasattr(exc, "message"):  # tf.errors.OpError
+        what = str(exc.message).splitlines()[0] if exc.message else type(exc).__name__
+        where = out
+        full = "no space left" in what.lower()
+    else:
+        return None
+    line = f"{where}: {what}"
+    if full:
+        line += f" (disk full while writing {out}: nothing half-written is left under a final name; free space and rerun)"
+    return line
+

@@ -106,6 +106,7 @@ def write_folds_csv(path: str | os.PathLike, folds: Mapping[str, int]) -> None:
 def read_folds_csv(path: str | os.PathLike) -> dict[str, int]:
     """Read a ``folds.csv`` written by ``write_folds_csv`` into ``{ID: fold}``."""
     rows: dict[str, int] = {}
+    fileutil.raise_csv_field_size_limit()
     with fileutil.open_read(path, "r", newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"ID", "fold"} <= set(reader.fieldnames):

@@ -18,16 +18,24 @@ Colour-coded files
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import logging
 import os
-from collections.abc import Sequence
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from hpa_tf.fileutil import raise_csv_field_size_limit
 from hpa_tf.labels import LabelError, parse_labels
+
+log = logging.getLogger(__name__)
 
 CHANNELS: tuple[str, ...] = ("red", "green", "blue", "yellow")
 EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "tif", "tiff")
@@ -80,6 +88,56 @@ def find_channel_file(directory: str | os.PathLike, image_id: str, channel: str)
     )
 
 
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def decoder_messages() -> Iterator[list[str]]:
+    """Capture what C libraries write straight to file descriptor 2 during the block (libpng's
+    ``libpng error: …``, OpenCV's ``[ WARN:0@…]`` lines), so that they do not land in the middle of a
+    progress bar; yields a list that holds the captured text, whitespace-collapsed, after the block.
+
+    The messages belong in the error of the file being decoded (``ImageReadError``), which a
+    build lists in ``skipped.csv``. One block at a time per process (a lock); Python's own
+    ``sys.stderr`` writes from this thread wait until the block ends.
+    """
+    captured: list[str] = []
+    with _STDERR_LOCK:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        try:
+            saved = os.dup(2)
+        except OSError:  # no descriptor 2 (a detached process): nothing to capture
+            yield captured
+            return
+        try:
+            with tempfile.TemporaryFile() as sink:
+                os.dup2(sink.fileno(), 2)
+                try:
+                    yield captured
+                finally:
+                    os.dup2(saved, 2)
+                    sink.seek(0)
+                    text = " ".join(sink.read().decode("utf-8", "replace").split())
+                    if text:
+                        captured.append(text)
+        finally:
+            os.close(saved)
+
+
+def _decode(data: bytes, flags: int, path: Path) -> np.ndarray:
+    """``cv2.imdecode`` with the decoder's own messages captured: they go into the error when the
+    file cannot be decoded, and to the debug log when it can."""
+    with decoder_messages() as said:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if image is None:
+        detail = f": {'; '.join(said)}" if said else ""
+        raise ImageReadError(f"{path}: cannot decode image (corrupt or truncated file){detail}")
+    if said:
+        log.debug("%s: decoder said: %s", path, "; ".join(said))
+    return image
+
+
 def read_channel(path: str | os.PathLike, channel: str) -> np.ndarray:
     """Read one channel file as a 2-D array in its native dtype (uint8 or uint16).
 
@@ -94,9 +152,7 @@ def read_channel(path: str | os.PathLike, channel: str) -> np.ndarray:
     ext = path.suffix.lower().lstrip(".")
     if ext in _JPEG_EXT and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
         raise ImageReadError(f"{path}: truncated JPEG (no end-of-image marker)")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise ImageReadError(f"{path}: cannot decode image (corrupt or truncated file)")
+    image = _decode(data, cv2.IMREAD_UNCHANGED, path)
     if image.dtype not in (np.uint8, np.uint16):
         if np.issubdtype(image.dtype, np.floating):
             image = to_uint8(image)
@@ -172,9 +228,14 @@ def list_image_ids(directory: str | os.PathLike) -> list[str]:
 
 
 def _open_csv(path: str | os.PathLike, required: Sequence[str]) -> tuple[csv.DictReader, object]:
+    raise_csv_field_size_limit()  # e.g. a full submission given as the sample submission
     f = open(path, newline="", encoding="utf-8")
     reader = csv.DictReader(f)
-    header = reader.fieldnames or []
+    try:
+        header = reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error) as exc:
+        f.close()
+        raise CsvFormatError(f"{path} line 1: unreadable CSV ({exc})") from None
     missing = [c for c in required if c not in header]
     if missing:
         f.close()
@@ -185,27 +246,58 @@ def _open_csv(path: str | os.PathLike, required: Sequence[str]) -> tuple[csv.Dic
 def read_labels(path: str | os.PathLike) -> dict[str, list[int]]:
     """Read ``train.csv`` (``ID,Label``) into ``{ID: [class ids]}``, in file order.
 
-    Raises CsvFormatError / LabelError naming the line for a duplicate ID, a row without an ID,
-    or a malformed or unknown label.
+    Raises CsvFormatError / LabelError naming the file and line for a row that is not an ``ID,Label``
+    row (too few fields), a duplicate ID, a row without an ID or without a label, or a malformed or
+    unknown label.
     """
     reader, f = _open_csv(path, ("ID", "Label"))
     labels: dict[str, list[int]] = {}
     first_line: dict[str, int] = {}
     with f:
-        for line_no, row in enumerate(reader, start=2):
+        for row in _rows(reader, path):
+            line_no = reader.line_num
+            where = f"{path} line {line_no}"
+            if row.get("Label") is None:  # fewer fields than the header: not a row of this file
+                text = ",".join(v for v in row.values() if isinstance(v, str))
+                raise CsvFormatError(f"{where}: not an ID,Label row: {text[:80]!r} ({len(reader.fieldnames or [])} "
+                                     "columns expected)")
             image_id = (row.get("ID") or "").strip()
             if not image_id:
-                raise CsvFormatError(f"{path} line {line_no}: empty ID")
+                raise CsvFormatError(f"{where}: empty ID")
             if image_id in labels:
                 raise CsvFormatError(
-                    f"{path} line {line_no}: duplicate ID {image_id!r} (first on line {first_line[image_id]})"
+                    f"{where}: duplicate ID {image_id!r} (first on line {first_line[image_id]})"
                 )
-            try:
-                labels[image_id] = parse_labels(row.get("Label") or "", where=f"{path} line {line_no}")
-            except LabelError:
-                raise
+            if not row["Label"].strip():
+                raise LabelError(f"{where}: ID {image_id!r} has an empty Label (expected class ids 0..18 "
+                                 "separated by '|')")
+            labels[image_id] = parse_labels(row["Label"], where=where)
             first_line[image_id] = line_no
     return labels
+
+
+def _rows(reader: csv.DictReader, path: str | os.PathLike) -> Iterator[dict]:
+    """The rows of a DictReader; undecodable text or broken quoting → CsvFormatError naming the line."""
+    try:
+        yield from reader
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise CsvFormatError(f"{path} line {reader.line_num + 1}: unreadable CSV ({exc})") from None
+
+
+def read_sources(path: str | os.PathLike) -> dict[str, str]:
+    """The ``Source`` column of a label file (``ID,Label,Source,…``, as ``hpa_tf.download`` writes it):
+    ``{ID: source}`` for the rows with a non-empty value; ``{}`` when the file has no such column."""
+    raise_csv_field_size_limit()
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if "Source" not in (reader.fieldnames or []):
+            return {}
+        sources = {}
+        for row in reader:
+            image_id, source = (row.get("ID") or "").strip(), (row.get("Source") or "").strip()
+            if image_id and source:
+                sources[image_id] = source
+        return sources
 
 
 @dataclass(frozen=True)
@@ -221,7 +313,8 @@ def read_sample_submission(path: str | os.PathLike) -> list[SampleRow]:
     rows: list[SampleRow] = []
     seen: set[str] = set()
     with f:
-        for line_no, row in enumerate(reader, start=2):
+        for row in _rows(reader, path):
+            line_no = reader.line_num
             image_id = (row.get("ID") or "").strip()
             if not image_id:
                 raise CsvFormatError(f"{path} line {line_no}: empty ID")
@@ -261,9 +354,17 @@ def write_label_image(path: str | os.PathLike, labels: np.ndarray) -> None:
 
 def read_label_image(path: str | os.PathLike) -> np.ndarray:
     """Read a label image written by ``write_label_image`` as int32 ``(H, W)``."""
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ImageReadError(f"{path}: cannot read label image ({e.strerror or e})") from None
+    try:
+        image = _decode(data, cv2.IMREAD_UNCHANGED, path) if data else None
+    except ImageReadError as e:
+        raise ImageReadError(str(e).replace("cannot decode image", "cannot read label image", 1)) from None
     if image is None:
-        raise ImageReadError(f"{path}: cannot read label image (missing, corrupt or truncated)")
+        raise ImageReadError(f"{path}: cannot read label image (empty file)")
     if image.ndim != 2:
         raise ImageReadError(f"{path}: label image must have one channel, got shape {image.shape}")
     return image.astype(np.int32)

@@ -1021,10 +1021,10 @@ def _write_json(path: str, data: dict) -> None:
         json.dump(data, f, indent=2)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m hpa_tf.metric --submission S --truth T``: print per-class AP, mAP and macro F1."""
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The command line (``prog``: the name its usage shows)."""
     parser = argparse.ArgumentParser(
-        prog="python -m hpa_tf.metric",
+        prog=prog or "python -m hpa_tf.metric",
         description="Score an HPA submission CSV: per-class AP at mask IoU, mAP and macro F1 "
         "(OpenImages instance-segmentation challenge rules); with --baselines also the same cells "
         "scored by random confidences and by perfect classification, and the skill between them.",
@@ -1064,6 +1064,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random confidences of --baselines (default: 0)")
     parser.add_argument("--json", default=None, help="also write the result as JSON to this path (its folder is created; default: none)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """``python -m hpa_tf.metric --submission S --truth T``: print per-class AP, mAP and macro F1."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")

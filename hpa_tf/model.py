@@ -401,6 +401,12 @@ def _source_backbone(canonical: str, image_size: int, weights: str | os.PathLike
     return twin
 
 
+def _innermost(err: BaseException, limit: int = 200) -> str:
+    """The innermost cause Keras' deserialisation errors carry (their last 'Exception encountered:' line)."""
+    causes = [ln.split(":", 1)[1].strip() for ln in str(err).splitlines() if ln.startswith("Exception encountered:")]
+    return causes[-1][:limit] if causes and causes[-1] else _brief(err, limit)
+
+
 def _brief(err: BaseException, limit: int = 300) -> str:
     """First line of an error message, cut to ``limit`` characters (Keras embeds whole tensors)."""
     text = str(err).strip()
@@ -624,20 +630,66 @@ def load_model(path: str | os.PathLike, compile: bool = False) -> LoadedModel:
     path = os.fspath(path)
     if not fileutil.exists(path):
         raise FileNotFoundError(f"model file {path} does not exist")
+    if path.endswith(".keras") and not fileutil.is_remote(path) and not zipfile.is_zipfile(path):
+        # Keras says "File not found" for a file that is there but is not a .keras (zip) archive
+        raise ValueError(f"cannot load Keras model {path}: not a .keras model file (not a zip archive; "
+                         f"{os.path.getsize(path)} bytes)")
+    json_path = find_config(path)
+    config = _read_config(json_path) if json_path is not None else None
     try:
         model = keras.saving.load_model(path, compile=compile)
-    except (ValueError, OSError, KeyError, TypeError, zipfile.BadZipFile) as err:
+    except zipfile.BadZipFile as err:
         raise ValueError(f"cannot load Keras model {path}: {_brief(err)}") from None
-    config = None
-    candidates = [config_path(path), fileutil.join(os.path.dirname(path) or ".", "model.json")]
-    for json_path in candidates:
-        if fileutil.exists(json_path):
-            config = _read_config(json_path)
-            _check_config(model, config, json_path)
-            break
+    except (ValueError, OSError, KeyError, TypeError) as err:
+        if config is None:
+            raise ValueError(f"cannot load Keras model {path}: {_brief(err)}") from None
+        model = rebuild_model(path, config, err)
+    if json_path is not None:
+        _check_config(model, config, json_path, path)
     else:
-        logger.warning("no config beside %s (looked for %s)", path, " and ".join(candidates))
+        logger.warning("no config beside %s (looked for %s)", path, " and ".join(config_candidates(path)))
     return LoadedModel(model, config)
+
+
+def rebuild_model(path: str, config: Mapping[str, Any], err: BaseException | None = None) -> keras.Model:
+    """The classifier that ``config`` (its ``model.json``) describes, built by this Keras, with the weights of
+    the ``.keras`` file at ``path``.
+
+    For a file this Keras cannot read whole: a model saved by a newer Keras writes settings an older one
+    does not know (Keras 3.15's initializers carry ``input_axes``, which Keras 3.8 refuses), as when a
+    model trained on a TPU VM is used in a Kaggle image with an older Keras. The weights are stored by
+    layer structure, which the same builder reproduces. Raises ValueError naming the file when they do
+    not fit.
+    """
+    from hpa_tf.backbones import build_classifier
+
+    why = f" ({_innermost(err)})" if err is not None else ""
+    try:
+        model = build_classifier(str(config["backbone"]), int(config["image_size"]), int(config["channels"]),
+                                 normalization=config.get("normalization"), augment=config.get("augment"))
+        model.load_weights(path)
+    except (KeyError, TypeError, ValueError, OSError) as e:
+        raise ValueError(f"cannot load Keras model {path}{why}, nor rebuild it from its model.json and load its "
+                         f"weights: {_brief(e)}") from None
+    logger.warning("%s: saved by Keras %s, not readable whole by Keras %s%s; rebuilt from its model.json and "
+                   "loaded its weights", path, config.get("keras_version", "?"), keras.__version__, why)
+    return model
+
+
+def config_candidates(model_path: str | os.PathLike) -> list[str]:
+    """Where a model's description is looked for, in order: ``name.json`` (``save_model``), then
+    ``model.json`` in the same folder (a training run's)."""
+    path = os.fspath(model_path)
+    return [config_path(path), fileutil.join(os.path.dirname(path) or ".", "model.json")]
+
+
+def find_config(model_path: str | os.PathLike) -> str | None:
+    """The description :func:`load_model` reads for ``model_path`` (first of :func:`config_candidates`
+    that exists), or None."""
+    for json_path in config_candidates(model_path):
+        if fileutil.exists(json_path):
+            return json_path
+    return None
 
 
 def _read_config(json_path: str) -> dict[str, Any]:
@@ -650,10 +702,12 @@ def _read_config(json_path: str) -> dict[str, Any]:
     return config
 
 
-def _check_config(model: keras.Model, config: Mapping[str, Any], json_path: str) -> None:
+def _check_config(model: keras.Model, config: Mapping[str, Any], json_path: str, model_path: str = "the model") -> None:
     shape = model.input_shape
     want = (config.get("image_size"), config.get("image_size"), config.get("channels"))
     if tuple(shape[1:]) != want:
-        raise ValueError(f"{json_path} says input {want} but the model takes {tuple(shape[1:])}")
+        raise ValueError(f"{json_path} says input {want} (image_size, image_size, channels) but {model_path} takes "
+                         f"{tuple(shape[1:])}: the description is not this model's")
     if "num_classes" in config and int(model.output_shape[-1]) != config["num_classes"]:
-        raise ValueError(f"{json_path} says {config['num_classes']} classes, the model has {model.output_shape[-1]}")
+        raise ValueError(f"{json_path} says {config['num_classes']} classes but {model_path} has "
+                         f"{model.output_shape[-1]} outputs: the description is not this model's")

@@ -112,19 +112,28 @@ class PredictError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 
 
+def check_model_files(paths: Sequence[str]) -> None:
+    """PredictError unless every model path is a file (cheap: nothing is loaded)."""
+    if not paths:
+        raise PredictError("no model given: pass --model CELL.keras and/or --field-model FIELD.keras")
+    for path in paths:
+        if not Path(path).is_file():
+            raise PredictError(f"model file not found: {path}")
+
+
 def load_models(paths: Sequence[str], kind: str | None = None) -> list[ClassifierSpec]:
     """Load ``.keras`` classifiers and read the ``model.json`` beside each (required: it holds the crop
     spec, read with ``ModelSpec.from_config``; nothing is filled in by a default). ``kind``: the
     crop spec kind each must have (``cell`` for ``--model``, ``field`` for ``--field-model``)."""
     from hpa_tf.model import ModelConfigError, ModelSpec, load_model
 
-    if not paths:
-        raise PredictError("no model given: pass --model CELL.keras and/or --field-model FIELD.keras")
+    check_model_files(paths)
     loaded = []
     for path in paths:
-        if not Path(path).is_file():
-            raise PredictError(f"model file not found: {path}")
-        model, config = load_model(path)
+        try:
+            model, config = load_model(path)
+        except ValueError as e:  # not a Keras model, or a model.json that disagrees with it
+            raise PredictError(str(e)) from None
         if config is None:
             raise PredictError(f"{path}: no model.json beside it: its crop spec and channels are unknown")
         try:
@@ -423,15 +432,17 @@ def run(config: PredictConfig, segmenter=None, on_crops: CropsHook | None = None
     check_models(config)
     preload(config.segmenter)  # hpacellseg: PyTorch's stack before TensorFlow
     enable_memory_growth()  # let PyTorch (hpacellseg) share the GPU
+    # every check before the cache folder exists: a refused start leaves nothing behind
     requested = _requested(config)
+    check_model_files([*(config.models or ()), *(config.field_models or ())])
     cache = _cache_dir(config)
     if segmenter is None:
         segmenter = _LazySegmenter(config)
         if _needs_segmenter(config, requested, cache):
             segmenter.build()  # a segmenter that cannot be made stops the run before any output
-    cache.mkdir(parents=True, exist_ok=True)
     classifiers = [Classifier(m, config.batch_size) for m in load_models(config.models, "cell")] if config.models else []
     field_models = [FieldModel(m) for m in load_models(config.field_models, "field")] if config.field_models else []
+    cache.mkdir(parents=True, exist_ok=True)  # after the models load: a refused model leaves no folder
 
     bar = None
     if config.progress:

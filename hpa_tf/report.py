@@ -27,6 +27,9 @@ def _pyplot():
 
 def read_log(path: str | os.PathLike) -> dict[str, list[float]]:
     """Columns of a Keras CSVLogger file as float lists (missing or blank cells become NaN)."""
+    from hpa_tf.fileutil import raise_csv_field_size_limit
+
+    raise_csv_field_size_limit()
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     cols: dict[str, list[float]] = {}
@@ -42,7 +45,7 @@ def read_log(path: str | os.PathLike) -> dict[str, list[float]]:
 def plot_training_curves(log: Mapping[str, Sequence[float]], out: str | os.PathLike) -> str:
     """Loss (train/val) and the validation metrics per epoch, side by side."""
     plt = _pyplot()
-    epochs = np.asarray(log.get("epoch", range(len(next(iter(log.values()), [])))), float) + 1
+    epochs = np.asarray(log.get("epoch", range(1, len(next(iter(log.values()), [])) + 1)), float)  # from 1
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     for key, style in (("loss", "-o"), ("val_loss", "--o")):
         if key in log:
@@ -52,7 +55,7 @@ def plot_training_curves(log: Mapping[str, Sequence[float]], out: str | os.PathL
     a.set_title("loss")
     a.legend()
     a.grid(alpha=0.3)
-    for key in ("auc", "val_auc", "val_map", "f1_score", "val_f1_score"):
+    for key in ("val_map", "val_macro_auc", "f1", "val_f1"):
         if key in log:
             b.plot(epochs, log[key], "-o", label=key, ms=3)
     b.set_xlabel("epoch")

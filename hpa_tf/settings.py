@@ -60,6 +60,47 @@ def setting(
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def int_at_least(minimum: int, name: str | None = None) -> Callable[[str], int]:
+    """An ``argparse`` type: an integer of at least ``minimum`` (``--train -1`` is an argparse error
+    such as ``argument --train: must be an integer of at least 0, got '-1'``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer of at least {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = name or f"int_at_least_{minimum}"
+    return parse
+
+
+def fraction(text: str) -> float:
+    """An ``argparse`` type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return value
+
+
+def int_list(minimum: int) -> Callable[[str], list[int]]:
+    """An ``argparse`` type: a comma list of integers, each at least ``minimum`` (e.g. ``1728,2048``)."""
+    one = int_at_least(minimum)
+
+    def parse(text: str) -> list[int]:
+        items = [t.strip() for t in str(text).split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected one or more integers of at least {minimum}, got {text!r}")
+        return [one(t) for t in items]
+
+    return parse
+
+
 def _strip_optional(annotation: Any) -> tuple[Any, bool]:
     """(the annotation without ``None``, whether None was allowed)."""
     origin = typing.get_origin(annotation)

@@ -30,6 +30,7 @@ the file and the reason.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import os
@@ -294,7 +295,8 @@ class Manifest:
     ----------
     path : where it was read from.
     image_id : (N,) str. cell_id, fold, record : (N,) int64. labels : (N, 19) uint8 multi-hot.
-    shard : (N,) str, the shard's base name.
+    shard : (N,) str, the shard's base name. source : (N,) str, where the field came from
+    (``train``, ``hpa-public``, …).
     """
 
     path: str
@@ -304,9 +306,34 @@ class Manifest:
     labels: np.ndarray
     shard: np.ndarray
     record: np.ndarray
+    source: np.ndarray
 
     def __len__(self) -> int:
         return len(self.fold)
+
+    def sources(self) -> list[str]:
+        """The distinct sources, sorted."""
+        return sorted(set(self.source.tolist()))
+
+    def rows(self, folds: Iterable[int] | None = None, sources: Iterable[str] | None = None) -> np.ndarray:
+        """(N,) bool: the rows in ``folds`` and of ``sources`` (None: all)."""
+        keep = np.ones(len(self), bool)
+        if folds is not None:
+            keep &= np.isin(self.fold, list(folds))
+        if sources is not None:
+            keep &= np.isin(self.source, list(sources))
+        return keep
+
+    def weighted_counts(self, folds: Iterable[int] | None = None, sources: Iterable[str] | None = None,
+                        source_weights: Mapping[str, float] | None = None) -> tuple[float, np.ndarray]:
+        """``(examples, (19,) float64 examples per class)`` over the rows of ``folds`` and ``sources``,
+        each row counted ``source_weights[its source]`` times (1 for sources not named)."""
+        keep = self.rows(folds, sources)
+        weights = np.ones(len(self), np.float64)
+        for name, weight in (source_weights or {}).items():
+            weights[self.source == name] = float(weight)
+        weights = weights * keep
+        return float(weights.sum()), (self.labels.astype(np.float64) * weights[:, None]).sum(axis=0)
 
     def shard_counts(self) -> dict[str, int]:
         """Rows per shard base name."""
@@ -328,11 +355,12 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     path = str(path)
     if not fileutil.exists(path):
         raise DataError(f"{path}: manifest not found")
+    fileutil.raise_csv_field_size_limit()
     reader = csv.DictReader(io.StringIO(fileutil.read_text(path)))
     missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
         raise DataError(f"{path}: manifest lacks column(s) {missing} (has {reader.fieldnames})")
-    image_ids, cell_ids, folds, shards, records = [], [], [], [], []
+    image_ids, cell_ids, folds, shards, records, sources = [], [], [], [], [], []
     labels: list[list[int]] = []
     for row_no, row in enumerate(reader, start=2):
         try:
@@ -343,6 +371,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
             text = (row["labels"] or "").strip()  # empty: an unlabelled cell
             labels.append(parse_labels(text, where=f"{path} line {row_no}") if text else [])
             shards.append(_base(row["shard"]))
+            sources.append(row["source"] or "")
         except (ValueError, TypeError, LabelError, AttributeError) as exc:
             raise DataError(f"{path} line {row_no}: malformed row ({exc})") from None
     hot = np.zeros((len(labels), NUM_CLASSES), np.uint8)
@@ -351,7 +380,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     return Manifest(
         path=path, image_id=np.asarray(image_ids, dtype=object), cell_id=np.asarray(cell_ids, dtype=np.int64),
         fold=np.asarray(folds, dtype=np.int64), labels=hot, shard=np.asarray(shards, dtype=object),
-        record=np.asarray(records, dtype=np.int64),
+        record=np.asarray(records, dtype=np.int64), source=np.asarray(sources, dtype=object),
     )
 
 
@@ -413,6 +442,7 @@ class FoldSplit:
     build_config: dict
     data_dir: str
     manifest: Manifest | None = None
+    sources: tuple[str, ...] | None = None  # the records used (None: all); counts are of these only
 
 
 def _crop_of_shards(shards: Sequence[str]) -> tuple[CropSpec, dict]:
@@ -433,16 +463,21 @@ def split_folds(
     val_fold: int | None,
     manifest: str | os.PathLike | None = None,
     train_folds: Iterable[int] | None = None,
+    sources: Iterable[str] | None = None,
 ) -> FoldSplit:
     """Select training shards (``train_folds``, default every fold but ``val_fold``) and validation
     shards (``val_fold``; None: no validation) by their names, count examples from the manifest
     (``manifest`` or ``manifest.csv`` beside the shards; without one, from the shard names, warned)
     and read the crop spec from ``build_config.json`` (required). Never opens a shard.
 
+    ``sources``: count only the records of these sources (the manifest's ``source`` column; the
+    input pipeline filters the records the same way: ``hpa_tf.data.InputConfig.sources``).
+
     Raises
     ------
     DataError : no shards, a fold with no examples, a manifest that disagrees with the shard names,
-        no build config, shards of different crop specs.
+        no build config, shards of different crop specs, a source that no record has (or sources
+        without a manifest).
     """
     shards = list_shards(data)
     folder = shard_dir(data) or "."
@@ -463,6 +498,9 @@ def split_folds(
     val_shards = select_shards(shards, val_folds)
     manifest_path = str(manifest) if manifest is not None else find_manifest(data)
     table = None
+    sources = None if sources is None else tuple(dict.fromkeys(str(x) for x in sources))
+    if sources is not None and manifest_path is None:
+        raise DataError(f"{folder}: choosing records by source needs {MANIFEST} beside the shards")
     if manifest_path is None:
         log.warning("no %s beside %s: counting examples from the shard names", MANIFEST, folder)
         n_train = sum(parse_shard_name(p)[2] for p in train_shards)
@@ -471,16 +509,89 @@ def split_folds(
     else:
         table = read_manifest(manifest_path)
         check_manifest(train_shards + val_shards, table, folds=tr_folds + val_folds)
-        n_train = int(np.isin(table.fold, tr_folds).sum())
-        n_val = int(np.isin(table.fold, val_folds).sum())
-        class_counts = table.class_counts(tr_folds)
+        if sources is not None:
+            unknown = [x for x in sources if x not in set(table.source.tolist())]
+            if unknown:
+                raise DataError(f"{manifest_path}: no record of source(s) {unknown} (sources present: {table.sources()})")
+        n_train = int(table.rows(tr_folds, sources).sum())
+        n_val = int(table.rows(val_folds, sources).sum())
+        class_counts = table.labels[table.rows(tr_folds, sources)].sum(axis=0, dtype=np.int64)
     for name, folds, n in (("training", tr_folds, n_train), ("validation", val_folds, n_val)):
         if folds and n == 0:
-            raise DataError(f"{manifest_path or folder}: {name} fold(s) {folds} hold no examples")
+            of = "" if sources is None else f" of source(s) {list(sources)}"
+            raise DataError(f"{manifest_path or folder}: {name} fold(s) {folds} hold no examples{of}")
     log.info("folds: train %s (%d examples, %d shards), validation %s (%d examples, %d shards); crops %s",
              tr_folds, n_train, len(train_shards), val_folds, n_val, len(val_shards), crop)
     return FoldSplit(
         train_shards=train_shards, val_shards=val_shards, train_folds=tr_folds, val_folds=val_folds,
         n_train=n_train, n_val=n_val, class_counts=class_counts, crop=crop, build_config=build_config,
-        data_dir=folder, manifest=table,
+        data_dir=folder, manifest=table, sources=sources,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# damaged shards
+# ---------------------------------------------------------------------------------------------
+
+
+def find_damaged_shards(shards: Sequence[str]) -> dict[str, str]:
+    """``{shard path: reason}`` of the shards that cannot be read to the end (corrupt or truncated)
+    or hold fewer records than their name says. Reads every record of every shard (not decoded)."""
+    from hpa_tf.records import scan_shard
+
+    damaged: dict[str, str] = {}
+    for path in shards:
+        n, reason = scan_shard(path)
+        expected = parse_shard_name(path)[2]
+        if reason is not None:
+            damaged[path] = f"corrupt or truncated shard, unreadable after {n} of {expected} records ({reason})"
+        elif n != expected:
+            damaged[path] = f"truncated shard: {n} records, the name says {expected}"
+    return damaged
+
+
+def damaged_shard_error(split: FoldSplit, damaged: Mapping[str, str]) -> DataError:
+    """The one-line error for damaged shards met while training (the first named, the others counted)."""
+    path, reason = next(iter(damaged.items()))
+    more = f" (and {len(damaged) - 1} more damaged shard(s))" if len(damaged) > 1 else ""
+    return DataError(f"{path}: {reason}{more}: rebuild the shard set {split.data_dir}, or train without the damaged "
+                     "shards with --skip-corrupt-shards")
+
+
+def without_damaged_shards(split: FoldSplit) -> tuple[FoldSplit, dict[str, str]]:
+    """The split without its damaged shards (``find_damaged_shards``: every shard is read once), the
+    counts lowered by what they held; and ``{path: reason}`` of the dropped ones.
+
+    Raises DataError when the training or the validation folds lose every shard.
+    """
+    damaged = find_damaged_shards([*split.train_shards, *split.val_shards])
+    if not damaged:
+        log.info("checked %d shard(s): none damaged", len(split.train_shards) + len(split.val_shards))
+        return split, {}
+    train = [p for p in split.train_shards if p not in damaged]
+    val = [p for p in split.val_shards if p not in damaged]
+    for name, kept, folds in (("training", train, split.train_folds), ("validation", val, split.val_folds)):
+        if folds and not kept:
+            raise DataError(f"{split.data_dir}: every {name} shard is damaged (first: "
+                            f"{next(iter(damaged))}: {next(iter(damaged.values()))})")
+    dropped_train = [p for p in split.train_shards if p in damaged]
+    dropped_val = [p for p in split.val_shards if p in damaged]
+    table, class_counts = split.manifest, split.class_counts
+    if table is not None:  # the manifest without the dropped shards' rows: every count comes from it
+        keep = ~np.isin(table.shard, [_base(p) for p in damaged])
+        table = dataclasses.replace(table, **{f.name: getattr(table, f.name)[keep] for f in dataclasses.fields(table)
+                                              if f.name != "path"})
+        n_train = int(table.rows(split.train_folds, split.sources).sum())
+        n_val = int(table.rows(split.val_folds, split.sources).sum())
+        class_counts = table.labels[table.rows(split.train_folds, split.sources)].sum(axis=0, dtype=np.int64)
+    else:
+        n_train = split.n_train - sum(parse_shard_name(p)[2] for p in dropped_train)
+        n_val = split.n_val - sum(parse_shard_name(p)[2] for p in dropped_val)
+    for path, reason in damaged.items():
+        log.warning("skipping %s: %s", path, reason)
+    log.warning("skipped %d damaged shard(s) of %d: %d training and %d validation examples left out",
+                len(damaged), len(split.train_shards) + len(split.val_shards), split.n_train - n_train,
+                split.n_val - n_val)
+    return dataclasses.replace(split, train_shards=train, val_shards=val, n_train=n_train, n_val=n_val,
+                               class_counts=class_counts, manifest=table), damaged
+

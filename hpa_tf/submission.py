@@ -31,7 +31,6 @@ import csv
 import logging
 import math
 import os
-import sys
 import warnings
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,7 +41,7 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 from hpa_tf.fileutil import atomic_open
-from hpa_tf.io import CsvFormatError
+from hpa_tf.io import CsvFormatError, raise_csv_field_size_limit
 from hpa_tf.labels import NUM_CLASSES
 
 log = logging.getLogger(__name__)
@@ -381,23 +380,6 @@ def parse_prediction_string(text: str, where: str = "PredictionString") -> list[
             raise CsvFormatError(f"{where}: triple {i // 3 + 1}: confidence {conf_text} is outside [0, 1]")
         out.append(Prediction(int(label_text), confidence, mask))
     return out
-
-
-def raise_csv_field_size_limit() -> None:
-    """Let Python's ``csv`` read fields of any size (a process-wide setting).
-
-    A PredictionString or an encoded truth mask reaches hundreds of kilobytes, past ``csv``'s
-    default field limit of 128 KiB (``_csv.Error: field larger than field limit``). Every CSV
-    reader of the project calls this first; a user's own script reading these files needs
-    ``csv.field_size_limit(sys.maxsize)`` (or this function) too.
-    """
-    limit = sys.maxsize
-    while True:
-        try:
-            csv.field_size_limit(limit)
-            return
-        except OverflowError:  # pragma: no cover - 32-bit C long
-            limit //= 2
 
 
 def write_submission(path: str | os.PathLike, rows: Iterable[SubmissionRow]) -> int:

@@ -42,6 +42,9 @@ from hpa_tf.labels import NEGATIVE, NUM_CLASSES, format_labels
 
 log = logging.getLogger(__name__)
 
+#: The smallest field side ``generate_field`` makes.
+MIN_SIZE = 32
+
 #: Approximate image-level class counts of the competition's 21,806 training images.
 COMPETITION_COUNTS = np.array(
     [8797, 1095, 2224, 1224, 1420, 2071, 884, 2329, 1109, 593, 1054, 78, 1560, 3059, 2637, 332, 6197, 1096, 34],
@@ -368,8 +371,8 @@ def generate_field(
     confluence : fraction of the field covered by cells (default: 0.55-0.9).
     """
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    if size < 32:
-        raise ValueError(f"size must be at least 32 px, got {size}")
+    if size < MIN_SIZE:
+        raise ValueError(f"size must be at least {MIN_SIZE} px, got {size}")
     w = class_weights(weights)
     image_labels = sorted({int(c) for c in labels}) if labels is not None else sample_image_labels(rng, w)
     for c in image_labels:
@@ -628,10 +631,18 @@ def write_dataset(
     test field ``i`` (None or beyond the list: drawn), e.g. ``covering_labels(n_test)``. Returns a
     summary dict.
     """
+    sizes = [int(size)] if isinstance(size, (int, np.integer)) else [int(s) for s in size]
+    # checked before any folder exists: a refused start leaves nothing behind
+    if n_train < 0 or n_test < 0:
+        raise ValueError(f"field counts must be at least 0, got n_train={n_train}, n_test={n_test}")
+    if not sizes or min(sizes) < MIN_SIZE:
+        raise ValueError(f"field sizes must be at least {MIN_SIZE} px, got {sizes}")
+    if not 0.0 <= cell_dropout <= 1.0:
+        raise ValueError(f"cell_dropout must be in [0, 1], got {cell_dropout}")
+    class_weights(weights)
     out = Path(out)
     for sub in ("train", "test", "masks"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    sizes = [int(size)] if isinstance(size, (int, np.integer)) else [int(s) for s in size]
     size_rng = np.random.default_rng([seed, 99])
     jobs = []
     for split, n in (("train", n_train), ("test", n_test)):
@@ -693,24 +704,39 @@ def write_dataset(
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The command line (``prog``: the name its usage shows)."""
+    from hpa_tf.settings import fraction, int_at_least, int_list
+
     p = argparse.ArgumentParser(
-        prog="python -m hpa_tf.synthetic",
+        prog=prog or "python -m hpa_tf.synthetic",
         description="Write an HPA-like synthetic dataset (Kaggle layout plus cell-level truth).",
     )
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--train", type=int, default=64, help="number of training fields (default 64)")
-    p.add_argument("--test", type=int, default=16, help="number of test fields (default 16)")
-    p.add_argument("--size", default="1024", help="field side in px, or a comma list to draw from (e.g. 1728,2048,3072)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", type=int_at_least(0), default=64, help="number of training fields (default: 64)")
+    p.add_argument("--test", type=int_at_least(0), default=16, help="number of test fields (default: 16)")
+    p.add_argument("--size", type=int_list(MIN_SIZE), default=[1024],
+                   help=f"field side in px (at least {MIN_SIZE}), or a comma list to draw from, e.g. 1728,2048,3072 "
+                        "(default: 1024)")
+    p.add_argument("--seed", type=int, default=0, help="seed of everything drawn; the same seed writes the same "
+                                                       "dataset (default: 0)")
     p.add_argument("--bit16-test", action="store_true", help="write the test split as 16-bit PNG")
-    p.add_argument("--cell-dropout", type=float, default=0.2, help="chance a cell lacks one of its image's labels")
-    p.add_argument("--class-weights", default="default", choices=["default", "competition", "uniform"])
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--cell-dropout", type=fraction, default=0.2,
+                   help="chance a cell lacks one of its image's labels (default: 0.2)")
+    p.add_argument("--class-weights", default="default", choices=["default", "competition", "uniform"],
+                   help="how image classes are drawn: competition = the competition's image-level frequencies, "
+                        "default = the same flattened by a square root (rare classes less rare), uniform = all equal (default: default)")
+    p.add_argument("--workers", type=int_at_least(1), default=1, help="worker processes (default: 1)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    p = build_parser(prog)
     a = p.parse_args(argv)
+    if a.train + a.test == 0:
+        p.error("--train and --test are both 0: nothing to write")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    sizes = [int(s) for s in str(a.size).split(",") if s.strip()]
-    summary = write_dataset(a.out, a.train, a.test, sizes, a.seed, a.bit16_test, a.cell_dropout, a.class_weights,
+    summary = write_dataset(a.out, a.train, a.test, a.size, a.seed, a.bit16_test, a.cell_dropout, a.class_weights,
                             a.workers, progress=True)
     print(f"wrote {summary['train']} train + {summary['test']} test fields, {summary['cells']} cells, "
           f"to {a.out} in {summary['seconds']} s")

@@ -4,30 +4,36 @@
 ``hpa_tf.config.TrainConfig`` setting. The sections, top to bottom:
 
 strategy   ``hpa_tf.distribute``: TPU / GPUs / CPU, mixed-precision policy, global batch =
-           per-replica batch × replicas (``tf.data`` yields global batches; Keras splits them).
+           per-replica batch × replicas (``tf.data`` yields global batches; Keras splits them);
+           ``jit_compile`` and ``steps_per_execution`` checked against the strategy (on a TPU,
+           TPUStrategy compiles with XLA itself; several mirrored devices take neither XLA nor
+           more than one step per execution in Keras 3), before anything is written.
 input      ``hpa_tf.shardset``: shards of the training folds and the held-out fold, counted from the
            manifest, and the shard set's crop spec (``build_config.json``); ``hpa_tf.data``: the
-           pipeline; steps per epoch = training examples // global batch unless given. By default
+           pipeline (on a TPU it must pass ``hpa_tf.data.tpu_problems``: static shapes, no Python
+           ops); steps per epoch = training examples // global batch unless given, rounded down
+           to whole executions of ``steps_per_execution`` steps. By default
            (``augment_on="device"``) the flips/rotations/intensity jitter run on the accelerator in
            the training step (``hpa_tf.augment.RandomAugment`` after the model input) and tf.data
            only decodes, resizes and batches; ``augment_on="host"`` does them in tf.data.
 model      built (``hpa_tf.model.build_model``, or ``hpa_tf.backbones`` for ``tiny_cnn``) and
            compiled under ``strategy.scope()``: AdamW, linear warm-up then cosine decay
-           (``CosineDecay(warmup_target=…)``), ``BinaryFocalCrossentropy``, multi-label AUC and
-           macro F1 as weighted metrics (padded validation rows carry weight 0).
+           (``CosineDecay(warmup_target=…)``), ``BinaryFocalCrossentropy``, macro F1 as a weighted
+           metric (padded validation rows carry weight 0).
 callbacks  non-finite loss → ``NonFiniteLossError`` (before anything is saved); per-class average
            precision over every validation example, by the competition's definition
            (``validation_ap``: ``val_map``; also ``val_macro_auc``, ``val_ap.csv``); ``last.keras`` +
            ``state.json`` every epoch and ``best.keras`` on improvement (atomic writes), each with
            its ``.json`` and a ``model.json`` (``hpa_tf.model.model_config``, the one writer: the
            crop spec the pipeline used, channels, normalisation, training) that tells the predictor
-           how the model was trained; ``log.csv``; TensorBoard under ``tensorboard/``.
+           how the model was trained; ``log.csv`` (epochs from 1); TensorBoard under ``tensorboard/``.
 resume     ``resume=True`` rebuilds the model, loads ``last.keras`` (weights AND optimizer slots and
            step count) and continues at the epoch after the last completed one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import importlib.util
@@ -47,10 +53,11 @@ import tensorflow as tf
 from hpa_tf import data as hpa_data
 from hpa_tf import distribute, fileutil, shardset
 from hpa_tf import model as hpa_model
-from hpa_tf.backbones import build_classifier, is_tiny
+from hpa_tf import records as hpa_records
+from hpa_tf.backbones import build_classifier, check_backbone, is_tiny
 from hpa_tf.balance import repeat_factors
 from hpa_tf.config import AugmentConfig, TrainConfig
-from hpa_tf.labels import CLASS_NAMES, NUM_CLASSES, SHORT_NAMES
+from hpa_tf.labels import CLASS_NAMES, SHORT_NAMES
 from hpa_tf.metric import average_precision as competition_ap
 
 log = logging.getLogger(__name__)
@@ -59,10 +66,6 @@ STATE_NAME = "state.json"
 LAST_NAME = "last.keras"
 BEST_NAME = "best.keras"
 MODEL_JSON = "model.json"
-
-
-#: ``TrainConfig.jit_compile`` → Keras' ``compile(jit_compile=...)``.
-JIT_COMPILE: dict[str, bool | str] = {"auto": "auto", "on": True, "off": False}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -204,6 +207,7 @@ class ValidationAP(keras.callbacks.Callback):
         rows: list[list[str]] = []
         if fileutil.exists(csv_path):
             text = fileutil.read_text(csv_path)
+            fileutil.raise_csv_field_size_limit()
             rows = [r for r in list(csv.reader(io.StringIO(text)))[1:] if r and int(r[0]) < epoch]  # drop re-done epochs
         rows.append([str(epoch), f"{result['val_map']:.6f}", f"{result['val_macro_auc']:.6f}",
                      *("" if not np.isfinite(v) else f"{v:.6f}" for v in result["ap"])])
@@ -256,6 +260,21 @@ class EpochCheckpoint(keras.callbacks.Callback):
         state = {**self.extra_state, "epoch": epoch + 1, "monitor": self.monitor, "best": self.best,
                  "logs": {k: _jsonable(v) for k, v in logs.items()}, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         fileutil.write_json(fileutil.join(self.out, STATE_NAME), state, indent=2)
+
+
+class EpochCSVLogger(keras.callbacks.CSVLogger):
+    """Keras' ``CSVLogger`` with epochs counted from 1, as ``val_ap.csv``, ``state.json`` and the log
+    lines count them (Keras' own counts from 0)."""
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        super().on_epoch_end(epoch + 1, logs)
+
+
+#: What the per-epoch figures mean (logged when a run starts).
+METRICS_NOTE = ("per epoch: loss = focal loss; f1 = Keras macro F1 at threshold 0.5 over all 19 classes (a class "
+                "absent from the data counts 0); val_map = mean per-class AP over the validation fold's classes, by "
+                "the competition's definition; val_macro_auc = mean per-class ROC AUC over the classes with "
+                "positives and negatives")
 
 
 def _jsonable(value: Any) -> Any:
@@ -315,8 +334,12 @@ def host_augmentation(config: TrainConfig) -> tuple[AugmentConfig | None, dict[s
     return host, device
 
 
-def compile_model(model: keras.Model, config: TrainConfig, total_steps: int, warmup_steps: int) -> None:
-    """Compile with AdamW + warm-up/cosine schedule, focal loss, weighted AUC and macro F1."""
+def compile_model(model: keras.Model, config: TrainConfig, total_steps: int, warmup_steps: int,
+                  jit_compile: bool | str = "auto") -> None:
+    """Compile with AdamW + warm-up/cosine schedule, focal loss, weighted AUC and macro F1.
+
+    ``jit_compile``: Keras' setting as ``hpa_tf.distribute.jit_compile_for`` resolves
+    ``config.jit_compile`` for the strategy (True: the training step is one XLA program)."""
     schedule = make_schedule(config.lr, total_steps, warmup_steps, config.min_lr_fraction)
     optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "adapt_mean", "adapt_variance"])
@@ -328,13 +351,12 @@ def compile_model(model: keras.Model, config: TrainConfig, total_steps: int, war
     model.compile(
         optimizer=optimizer,
         loss=loss,
-        # weighted: validation batches are padded to a static shape and the padding has weight 0
-        weighted_metrics=[
-            keras.metrics.AUC(multi_label=True, num_labels=NUM_CLASSES, name="auc"),
-            keras.metrics.F1Score(average="macro", threshold=0.5, name="f1"),
-        ],
+        # weighted: validation batches are padded to a static shape and the padding has weight 0.
+        # No Keras AUC: its multi-label mean counts every class absent from the fold as 0 (about 0.05
+        # on a small fold); ValidationAP's val_macro_auc averages the classes that have both kinds.
+        weighted_metrics=[keras.metrics.F1Score(average="macro", threshold=0.5, name="f1")],
         steps_per_execution=int(config.steps_per_execution),
-        jit_compile=JIT_COMPILE[config.jit_compile],
+        jit_compile=jit_compile,
     )
 
 
@@ -363,6 +385,20 @@ def _model_description(config: TrainConfig, split: shardset.FoldSplit, policy: s
     return describe
 
 
+@contextlib.contextmanager
+def _naming_damaged_shards(split: shardset.FoldSplit):
+    """Turn TensorFlow's read error of a damaged shard (which names no file) into a DataError naming
+    the shard: the split's shards are read once to find it (only after such an error)."""
+    try:
+        yield
+    except tf.errors.DataLossError as e:
+        log.error("a shard could not be read (%s); finding which", hpa_records.read_error_reason(e))
+        damaged = shardset.find_damaged_shards([*split.train_shards, *split.val_shards])
+        if not damaged:
+            raise
+        raise shardset.damaged_shard_error(split, damaged) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------------------------
@@ -386,53 +422,87 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
     NonFiniteLossError : the loss became NaN/inf.
     """
     out = str(config.out)
+    # the run folder is made only once the inputs, the strategy and the model are known to be good:
+    # a refused start leaves nothing behind
+    check_backbone(config.backbone)
+    hpa_data.channel_indices(config.channels)
 
     # ---- strategy (first: a TPU must be initialised before other TensorFlow work) ---------------
     if strategy is None:
         strategy = distribute.get_strategy(config.strategy, tpu=config.tpu, devices=config.devices)
+    # settings the strategy cannot run are refused before anything is written
+    jit_compile = distribute.jit_compile_for(strategy, config.jit_compile)
+    distribute.check_steps_per_execution(strategy, config.steps_per_execution)
     keras.utils.set_random_seed(int(config.seed))
-    fileutil.makedirs(out)
     policy = distribute.set_mixed_precision(strategy, config.mixed_precision)
     global_batch = distribute.global_batch_size(config.batch_size, strategy)
     info = distribute.describe(strategy)
     replicas = int(strategy.num_replicas_in_sync)
 
     # ---- input ---------------------------------------------------------------------------------
-    hpa_data.channel_indices(config.channels)
-    split = shardset.split_folds(config.data, config.val_fold, manifest=config.manifest, train_folds=config.train_folds)
+    split = shardset.split_folds(config.data, config.val_fold, manifest=config.manifest, train_folds=config.train_folds,
+                                 sources=config.sources)
     task = split.crop.kind  # "cell" crops or whole "field"s: the same classifier, trained the same way
     if config.task is not None and config.task != task:
         raise shardset.DataError(f"{split.data_dir}: --task {config.task}, but the shard set holds {task} records "
                                  f"(its crop spec: {split.crop.to_dict()}); build {config.task} records with "
                                  f"python -m tfrecord_builder --kind {config.task}")
-    steps_per_epoch = int(config.steps_per_epoch or split.n_train // global_batch)
+    if config.skip_corrupt_shards:
+        split, _ = shardset.without_damaged_shards(split)
+    source_weights = dict(config.source_weights or ())
+    n_train, class_counts = split.n_train, split.class_counts
+    if source_weights:  # training records of a source drawn W times on average: count them so
+        if split.manifest is None:
+            raise shardset.DataError(f"{split.data_dir}: --source-weights needs manifest.csv (the records' sources)")
+        unknown = sorted(set(source_weights) - set(split.manifest.sources()))
+        if unknown:
+            raise shardset.DataError(f"{split.manifest.path}: no record of source(s) {unknown} "
+                                     f"(sources present: {split.manifest.sources()})")
+        weighted, class_counts = split.manifest.weighted_counts(split.train_folds, split.sources, source_weights)
+        n_train = int(round(weighted))
+        log.info("source weights %s: %d training records count as %d", source_weights, split.n_train, n_train)
+    steps_per_epoch = int(config.steps_per_epoch or n_train // global_batch)
     if steps_per_epoch < 1:
         raise shardset.DataError(
-            f"{split.data_dir}: {split.n_train} training examples make no full global batch of {global_batch} "
+            f"{split.data_dir}: {n_train} training examples make no full global batch of {global_batch} "
             f"({config.batch_size} per replica × {replicas} replicas): lower --batch-size or add data"
         )
+    spe = int(config.steps_per_execution)
+    if steps_per_epoch % spe:
+        # Keras runs whole executions: an epoch of 5 steps at 2 per execution would run 6
+        rounded = max(spe, steps_per_epoch - steps_per_epoch % spe)
+        log.warning("%d steps per epoch is not a multiple of --steps-per-execution %d: %d steps per epoch",
+                    steps_per_epoch, spe, rounded)
+        steps_per_epoch = rounded
     balance = None
     if config.balance:
         if split.manifest is None:
             raise shardset.DataError(f"{split.data_dir}: --balance needs manifest.csv (class counts of the training folds)")
-        balance = repeat_factors(split.class_counts, split.n_train, config.balance_threshold)
+        balance = repeat_factors(class_counts, max(n_train, 1), config.balance_threshold)
         log.info("class balance: repeat factors %s", dict(zip(SHORT_NAMES, np.round(balance, 2).tolist())))
     augment, model_augment = host_augmentation(config)
     # the crops' size is the shard set's crop spec, the same object model.json records (describe below)
     inputs = hpa_data.InputConfig(crop_size=split.crop.size, image_size=config.image_size, batch_size=global_batch,
                                   channels=config.channels, augment=augment,
                                   balance=None if balance is None else tuple(balance.tolist()),
+                                  sources=split.sources, source_weights=tuple(source_weights.items()),
                                   shuffle_buffer=config.shuffle_buffer, seed=config.seed)
     train_ds = hpa_data.make_dataset(split.train_shards, inputs, training=True)
+    if distribute.strategy_kind(strategy) == "tpu":
+        problems = hpa_data.tpu_problems(train_ds)
+        if problems:
+            raise shardset.DataError(f"{split.data_dir}: the training input cannot feed a TPU: {'; '.join(problems)}")
     val_ds = val_labels = None
     if split.val_shards:
         val_ds = hpa_data.make_dataset(split.val_shards, inputs, training=False, n_examples=split.n_val)
-        val_labels = hpa_data.eval_labels(split.val_shards)
+        with _naming_damaged_shards(split):
+            val_labels = hpa_data.eval_labels(split.val_shards, sources=split.sources)
         if len(val_labels) != split.n_val:
             raise shardset.DataError(f"{split.data_dir}: validation shards hold {len(val_labels)} records, "
                                      f"the manifest says {split.n_val}")
     val_steps = hpa_data.steps_for(split.n_val, global_batch, drop_remainder=False)
-    log.info("strategy %s: %d replica(s) %s; dtype policy %s", info["strategy"], replicas, info["devices"], policy)
+    log.info("strategy %s: %d replica(s) %s; dtype policy %s; jit_compile %s", info["strategy"], replicas,
+             info["devices"], policy, jit_compile)
     log.info("global batch %d (%d per replica); %d training examples → %d steps/epoch; %d validation examples → "
              "%d steps; %d epochs; steps_per_execution %d", global_batch, config.batch_size, split.n_train,
              steps_per_epoch, split.n_val, val_steps, config.epochs, config.steps_per_execution)
@@ -451,7 +521,7 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
                                  weights=None if state is not None else config.weights, dropout=config.dropout,
                                  normalization=channel_normalization(config.backbone, config.channels),
                                  augment=model_augment)
-        compile_model(model, config, total_steps, warmup_steps)
+        compile_model(model, config, total_steps, warmup_steps, jit_compile)
         if state is not None:
             model.optimizer.build(model.trainable_variables)
             model.load_weights(last_path)  # weights, optimizer slots and step count
@@ -460,11 +530,14 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
                      int(model.optimizer.iterations.numpy()))
         elif config.resume:
             log.info("--resume: no %s in %s, starting from epoch 0", STATE_NAME, out)
+    fileutil.makedirs(out)
     fileutil.write_json(fileutil.join(out, "train_config.json"),
                         json.loads(json.dumps(dataclasses.asdict(config), default=str)), indent=2)
 
     # ---- callbacks -----------------------------------------------------------------------------
-    describe = _model_description(config, split, policy, info, global_batch, steps_per_epoch)
+    describe = _model_description(config, split, policy, {**info, "jit_compile": bool(model.jit_compile),
+                                                          "steps_per_execution": int(config.steps_per_execution)},
+                                  global_batch, steps_per_epoch)
     monitor = config.monitor if val_ds is not None else "loss"
     # order matters: the guard raises before anything is saved; ValidationAP adds val_map to the
     # logs that the checkpoint and the CSV logger then see
@@ -476,7 +549,7 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
     checkpoint = EpochCheckpoint(out, describe, monitor, best=(state or {}).get("best"),
                                  extra_state={"global_batch": global_batch, "steps_per_epoch": steps_per_epoch})
     callback_list.append(checkpoint)
-    callback_list.append(keras.callbacks.CSVLogger(fileutil.join(out, "log.csv"), append=initial_epoch > 0))
+    callback_list.append(EpochCSVLogger(fileutil.join(out, "log.csv"), append=initial_epoch > 0))
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         log.warning("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
     elif config.tensorboard:
@@ -485,12 +558,15 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
     callback_list.extend(callbacks)
 
     # ---- loop ----------------------------------------------------------------------------------
+    log.info(METRICS_NOTE)
     history: dict[str, list[float]] = {}
     if initial_epoch >= config.epochs:
         log.info("%s: %d of %d epochs already done; nothing to train", out, initial_epoch, config.epochs)
     else:
-        fit = model.fit(train_ds, epochs=config.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
-                        validation_data=val_ds, callbacks=callback_list, verbose=config.verbose, shuffle=False)
+        with _naming_damaged_shards(split):
+            fit = model.fit(train_ds, epochs=config.epochs, initial_epoch=initial_epoch,
+                            steps_per_epoch=steps_per_epoch, validation_data=val_ds, callbacks=callback_list,
+                            verbose=config.verbose, shuffle=False)
         history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
     best_path = fileutil.join(out, BEST_NAME)
     return TrainResult(

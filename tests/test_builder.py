@@ -2,6 +2,7 @@
 resumes after a kill, refuses changed arguments, skips bad fields, verify catches tampering."""
 
 import csv
+import errno
 import json
 import os
 import shutil
@@ -239,7 +240,7 @@ def test_limit_builds_the_first_ids_with_folds_over_all(dataset, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_bad_fields_are_skipped_and_listed_with_builtin_segmenter(dataset, tmp_path):
+def test_bad_fields_are_skipped_and_listed_with_builtin_segmenter(dataset, tmp_path, capfd):
     ids = sorted(read_labels(dataset / "train.csv"))[:4]
     data = tmp_path / "train"
     data.mkdir()
@@ -248,7 +249,10 @@ def test_bad_fields_are_skipped_and_listed_with_builtin_segmenter(dataset, tmp_p
             shutil.copy(dataset / "train" / f"{image_id}_{ch}.png", data)
     missing, corrupt, dark, good = ids
     (data / f"{missing}_yellow.png").unlink()
-    (data / f"{corrupt}_green.png").write_bytes(b"\x89PNG not really")
+    png = bytearray((data / f"{corrupt}_green.png").read_bytes())  # image data damaged: libpng complains
+    idat = png.index(b"IDAT") + 8
+    png[idat + 20: idat + 60] = bytes(range(40))
+    (data / f"{corrupt}_green.png").write_bytes(bytes(png))
     for ch in ("red", "green", "blue", "yellow"):
         tf.io.write_file(str(data / f"{dark}_{ch}.png"), tf.io.encode_png(tf.zeros((256, 256, 1), tf.uint8)))
     labels = tmp_path / "train.csv"
@@ -262,11 +266,14 @@ def test_bad_fields_are_skipped_and_listed_with_builtin_segmenter(dataset, tmp_p
     assert set(skipped) == {missing, corrupt, dark, "absent-id"}
     assert skipped[missing]["kind"] == "bad channel file" and "yellow" in skipped[missing]["reason"]
     assert skipped[corrupt]["kind"] == "bad channel file" and "green" in skipped[corrupt]["reason"]
+    assert "libpng" in skipped[corrupt]["reason"]  # the decoder's message is in skipped.csv ...
+    assert "libpng" not in capfd.readouterr().err  # ... not on the terminal (in the progress bar)
     assert skipped[dark]["kind"] == "no cells"
     assert skipped["absent-id"]["kind"] == "not in data dir"
     assert {r["image_id"] for r in _manifest(out)} == {good}
     assert json.loads((out / "summary.json").read_text())["skipped_reasons"] == {
         "bad channel file": 2, "no cells": 1, "not in data dir": 1}
+    assert f"skipped 4 field(s) (listed with their reasons in {out / 'skipped.csv'})" in result.line()
 
 
 def test_unknown_label_stops_before_any_output(dataset, tmp_path):
@@ -328,7 +335,7 @@ def test_verify_catches_a_removed_manifest_row_and_a_truncated_shard(clean_build
     report = verify(str(out2))
     assert any(shard.name in p and "truncated" in p for p in report.problems)
     assert cli(["verify", str(out2), "-q"]) == 1
-    assert "MISMATCH" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith(f"CORRUPT: {shard.name}: unreadable after ")
     assert cli(["verify", str(clean_build), "-q"]) == 0
 
 
@@ -352,3 +359,84 @@ def test_cell_labels_give_each_cell_its_own_labels_and_drop_unlisted_cells(datas
     with pytest.raises(BuildError, match="masks_dir"):
         build(_options(dataset, tmp_path / "x", cell_labels=str(path), masks_dir=None))
     assert not (tmp_path / "x").exists()
+
+
+def test_verify_of_a_missing_folder_says_not_a_folder(tmp_path, capsys):
+    assert cli(["verify", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"python -m tfrecord_builder verify: error: {tmp_path / 'nope'} is not a folder"
+    (tmp_path / "empty").mkdir()
+    assert cli(["verify", str(tmp_path / "empty")]) == 2
+    assert "is not a shard set" in capsys.readouterr().err
+
+
+def test_verify_names_a_corrupt_shard_in_one_line(clean_build, tmp_path, capsys):
+    out = tmp_path / "corrupt"
+    shutil.copytree(clean_build, out)
+    shard = sorted(out.glob("*.tfrec"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 16] = b"\xff" * 16
+    shard.write_bytes(bytes(data))
+    assert cli(["verify", str(out), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"CORRUPT: {shard.name}: unreadable after "), err
+    assert "corrupt or truncated shard" in err[0] and "function_node" not in err[0] and "[Op:" not in err[0]
+
+
+def test_a_garbage_line_in_the_labels_is_one_line_naming_file_and_line(dataset, tmp_path, capsys):
+    labels = tmp_path / "train.csv"
+    lines = (dataset / "train.csv").read_text().splitlines()
+    labels.write_text("\n".join([*lines[:3], "garbage", *lines[3:]]) + "\n")
+    out = tmp_path / "records"
+    rc = cli(["--data-dir", str(dataset / "train"), "--labels", str(labels), "--out", str(out),
+              "--masks-dir", str(dataset / "masks"), "--folds", "2", "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"python -m tfrecord_builder: error: {labels} line 4: not an ID,Label row: 'garbage' (2 columns expected)"
+    assert not out.exists()
+
+
+class _DiskFills:
+    """A TFRecordWriter that fills the disk after ``room`` records (raises ENOSPC, as a full disk does)."""
+
+    def __init__(self, room: int):
+        self.room = room
+
+    def __call__(self, path):
+        outer = self
+
+        class Writer:
+            def __init__(self):
+                self.f = open(path, "wb")
+
+            def write(self, record):
+                if outer.room <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+                outer.room -= 1
+                self.f.write(record)
+
+            def close(self):
+                self.f.close()
+
+        return Writer()
+
+
+def test_a_full_disk_while_writing_shards_leaves_nothing_under_a_final_name(dataset, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "records"
+    argv = ["--data-dir", str(dataset / "train"), "--labels", str(dataset / "train.csv"), "--out", str(out),
+            "--crop-size", str(CROP), "--masks-dir", str(dataset / "masks"), "--folds", "2",
+            "--images-per-shard", "2", "--no-progress", "-q"]
+    monkeypatch.setattr(tf.io, "TFRecordWriter", _DiskFills(room=25))
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "disk full" in err[0], err
+    names = os.listdir(out)
+    finished = [n for n in names if n.endswith(".tfrec")]
+    for name in finished:  # shards finished before the disk filled are whole (they verify below)
+        assert len(list(tf.data.TFRecordDataset(str(out / name)))) == parse_shard_name(name)[2]
+    assert not [n for n in names if n.startswith(".tmp-")], names
+    assert not {"manifest.csv", "summary.json"} & set(names)
+    monkeypatch.undo()
+    assert cli(argv) == 0  # room again: the rerun finishes the build
+    assert verify(str(out)).ok
+

@@ -34,5 +34,9 @@ def test_quick_demo_runs_end_to_end_learns_and_resumes(tmp_path, capsys):
     # a second run keeps every finished stage and reports the same result
     assert main(["--quick", "--out", str(out)]) == 0
     again = capsys.readouterr().out
-    assert "already there, kept" in again
+    stages = again.split("\n[")  # "[n/6] title" and what the stage printed
+    for n in (1, 2, 3, 4):  # data, shards, training, prediction: each says it kept its work
+        text = next(t for t in stages if t.startswith(f"{n}/6]"))
+        assert "kept" in text, text
+    assert "cell model: already trained (15 epochs), kept" in again
     assert json.loads((out / "figures.json").read_text())["mAP"] == figures["mAP"]

@@ -152,3 +152,85 @@ def test_label_image_round_trip(tmp_path):
     write_label_image(tmp_path / "x_cells.png", lab)
     np.testing.assert_array_equal(read_label_image(tmp_path / "x_cells.png"), lab)
     assert [p.name for p in tmp_path.iterdir()] == ["x_cells.png"]  # no temporary left behind
+
+
+def test_a_garbage_line_in_train_csv_is_named_as_such(tmp_path):
+    p = tmp_path / "train.csv"
+    p.write_text("ID,Label\na,0\ngarbage\nb,1\n")
+    with pytest.raises(CsvFormatError) as e:
+        read_labels(p)
+    assert str(e.value).startswith(f"{p} line 3: not an ID,Label row: 'garbage'")
+    assert "empty label" not in str(e.value)
+    p.write_text("ID,Label\na,0\nb,\n")
+    with pytest.raises(LabelError, match=r"line 3: ID 'b' has an empty Label"):
+        read_labels(p)
+    p.write_text('ID,Label\na,0\n"b,1\n')  # an unclosed quote swallows the rest of the file
+    with pytest.raises((CsvFormatError, LabelError), match="line"):
+        read_labels(p)
+
+
+def _damaged_png(path: Path) -> None:
+    """A PNG whose image data is damaged in the middle (libpng complains on stderr when decoding it)."""
+    ok, buf = cv2.imencode(".png", _field(size=64)[..., 0])
+    data = bytearray(buf.tobytes())
+    idat = data.index(b"IDAT") + 8
+    data[idat + 20: idat + 60] = bytes(range(40))
+    path.write_bytes(bytes(data))
+
+
+def test_decoder_messages_go_into_the_error_not_onto_the_terminal(tmp_path, capfd):
+    _write_field(tmp_path, "d", _field(size=64))
+    _damaged_png(tmp_path / "d_red.png")
+    capfd.readouterr()
+    with pytest.raises(ImageReadError) as e:
+        read_rgby(tmp_path, "d")
+    out, err = capfd.readouterr()
+    assert err == "" and out == ""
+    assert "d_red.png: cannot decode image" in str(e.value) and "libpng" in str(e.value), str(e.value)
+    # a truncated PNG: OpenCV's own warning is captured too
+    data = (tmp_path / "d_green.png").read_bytes()
+    (tmp_path / "d_red.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match="d_red.png: cannot decode image"):
+        read_rgby(tmp_path, "d")
+    assert capfd.readouterr().err == ""
+    # a label image too
+    _damaged_png(tmp_path / "x_cells.png")
+    with pytest.raises(ImageReadError, match="x_cells.png: cannot read label image"):
+        read_label_image(tmp_path / "x_cells.png")
+    assert capfd.readouterr().err == ""
+    # and stderr works as before afterwards
+    import sys
+
+    print("after", file=sys.stderr)
+    assert capfd.readouterr().err == "after\n"
+
+
+@pytest.fixture
+def default_csv_field_limit():
+    """Python's default csv field limit (128 KiB), as in a fresh process; restored afterwards."""
+    import csv
+
+    old = csv.field_size_limit(131072)
+    yield
+    csv.field_size_limit(old)
+
+
+def test_readers_take_fields_over_the_default_csv_limit(tmp_path, default_csv_field_limit):
+    """A submission row (~200 kB) given as the sample submission is read (its IDs and sizes)."""
+    p = tmp_path / "sub.csv"
+    p.write_text("ID,ImageWidth,ImageHeight,PredictionString\nx,2048,2048," + "0 1 " + "a" * 200_000 + "\n")
+    assert [(r.image_id, r.width) for r in read_sample_submission(p)] == [("x", 2048)]
+
+
+def test_every_csv_reader_of_the_project_lifts_the_field_limit():
+    """Each module that reads CSV with the csv module lifts the field limit first (a submission row
+    or an encoded mask is over the default 128 KiB)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in sorted([*root.glob("hpa_tf/**/*.py"), *root.glob("tfrecord_builder/**/*.py")]):
+        text = path.read_text()
+        if re.search(r"csv\.(reader|DictReader)\(", text) and "raise_csv_field_size_limit()" not in text:
+            offenders.append(str(path.relative_to(root)))
+    assert offenders == []

@@ -310,3 +310,51 @@ def test_load_model_errors(model4, tmp_path):
     (tmp_path / "m.json").write_text(json.dumps({"image_size": 64, "channels": 4}))
     with pytest.raises(ValueError, match=r"m.json says input"):
         M.load_model(path)
+
+
+def _as_if_from_a_newer_keras(src, dst) -> None:
+    """A copy of a ``.keras`` file whose initializers carry a setting this Keras does not know, as a newer Keras
+    writes them (Keras 3.15's ``input_axes`` stops Keras 3.8)."""
+    import zipfile
+
+    def mark(node):
+        if isinstance(node, dict):
+            if node.get("module") == "keras.initializers" and isinstance(node.get("config"), dict):
+                node["config"]["setting_of_a_newer_keras"] = None
+            for value in node.values():
+                mark(value)
+        elif isinstance(node, list):
+            for value in node:
+                mark(value)
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                mark(config)
+                data = json.dumps(config).encode()
+            zout.writestr(item, data)
+
+
+def test_a_model_from_a_newer_keras_is_rebuilt_from_model_json(tmp_path, caplog):
+    from hpa_tf.backbones import build_classifier
+
+    keras.utils.set_random_seed(3)
+    tiny = build_classifier("tiny_cnn", SIZE, 3, augment={"seed": 2})
+    M.save_model(tiny, tmp_path / "saved.keras", crop=CropSpec(size=40), channels="gby")
+    _as_if_from_a_newer_keras(tmp_path / "saved.keras", tmp_path / "newer.keras")
+    (tmp_path / "newer.json").write_text((tmp_path / "saved.json").read_text())
+    with pytest.raises(Exception, match="setting_of_a_newer_keras"):
+        keras.saving.load_model(tmp_path / "newer.keras", compile=False)  # this Keras cannot read it whole
+    with caplog.at_level("WARNING", logger="hpa_tf.model"):
+        loaded, config = M.load_model(tmp_path / "newer.keras")
+    assert "rebuilt from its model.json" in caplog.text and config["channel_letters"] == "gby"
+    x = _rng_images(3, 3, seed=7)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded(x, training=False)),
+                                  keras.ops.convert_to_numpy(tiny(x, training=False)))
+    # a model.json that does not describe the file: one clear error
+    wrong = json.loads((tmp_path / "saved.json").read_text())
+    (tmp_path / "newer.json").write_text(json.dumps({**wrong, "channels": 4, "channel_letters": "rgby"}))
+    with pytest.raises(ValueError, match=r"newer.keras.*nor rebuild it from its model.json"):
+        M.load_model(tmp_path / "newer.keras")

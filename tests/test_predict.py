@@ -1,6 +1,7 @@
 """predict.py / hpa_tf.predict: every field gets a row, masks are exact, runs offline and resumes."""
 
 import csv
+import os
 import socket
 
 import numpy as np
@@ -288,3 +289,95 @@ def test_field_model_alone_and_fused_with_a_cell_model_scores_every_cell(dataset
                              "--out", str(tmp_path / "y.csv")]) == 2
     assert "needs a field model" in capsys.readouterr().err
     assert not (tmp_path / "y.csv").exists()
+
+
+def _predict_argv(dataset, model, out):
+    return ["--test-dir", str(dataset / "test"), "--model", str(model), "--out", str(out), "--no-progress",
+            "--sample-submission", str(dataset / "sample_submission.csv")]
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if ": error:" in line or "Traceback" in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_a_missing_model_is_one_line_and_leaves_no_cache_folder(dataset, tmp_path, capsys):
+    out = tmp_path / "sub.csv"
+    assert predict_cli.main(_predict_argv(dataset, tmp_path / "nope.keras", out), prog="python -m hpa_tf predict") == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line == f"python -m hpa_tf predict: error: model file not found: {tmp_path / 'nope.keras'}"
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["garbage", "zip", "empty"])
+def test_a_file_that_is_not_a_model_is_one_line_naming_it(dataset, models, tmp_path, capsys, kind):
+    import shutil
+    import zipfile
+
+    bad = tmp_path / "bad.keras"
+    if kind == "garbage":
+        bad.write_bytes(b"this is not a model\n" * 10)
+    elif kind == "zip":
+        with zipfile.ZipFile(bad, "w") as z:
+            z.writestr("notes.txt", "no model here")
+    else:
+        bad.write_bytes(b"")
+    shutil.copy(models[0].replace(".keras", ".json"), tmp_path / "bad.json")
+    out = tmp_path / "sub.csv"
+    assert predict_cli.main(_predict_argv(dataset, bad, out)) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"cannot load Keras model {bad}" in line, line
+    assert sorted(os.listdir(tmp_path)) == ["bad.json", "bad.keras"]  # no cache, no submission
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(image_size=64), "says input (64, 64, 4)"),
+    (lambda c: c.update(channels=3, channel_letters="rgb"), "says input (48, 48, 3)"),
+    (lambda c: c.update(num_classes=18), "says 18 classes"),
+])
+def test_a_model_json_that_disagrees_with_its_model_is_one_line_naming_both(dataset, models, tmp_path, capsys, edit,
+                                                                            message):
+    import json
+    import shutil
+
+    path = tmp_path / "m.keras"
+    shutil.copy(models[0], path)
+    config = json.loads(open(models[0].replace(".keras", ".json")).read())
+    edit(config)
+    (tmp_path / "m.json").write_text(json.dumps(config))
+    assert predict_cli.main(_predict_argv(dataset, path, tmp_path / "sub.csv")) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{tmp_path / 'm.json'} {message}" in line and str(path) in line, line
+    assert sorted(os.listdir(tmp_path)) == ["m.json", "m.keras"]
+
+
+def test_a_full_disk_while_writing_the_submission_leaves_no_half_file(dataset, models, tmp_path, capsys, monkeypatch):
+    import csv as csv_module
+    import errno
+
+    real_writer = csv_module.writer
+
+    def filling_writer(f, *args, **kw):
+        writer = real_writer(f, *args, **kw)
+
+        class Writer:
+            rows = 0
+
+            def writerow(self, row):
+                if Writer.rows == 2:  # the header and one row fit, then the disk is full
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                Writer.rows += 1
+                return writer.writerow(row)
+
+        return Writer()
+
+    out = tmp_path / "sub.csv"
+    monkeypatch.setattr(csv_module, "writer", filling_writer)
+    assert predict_cli.main(_predict_argv(dataset, models[0], out)) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "No space left on device" in line and "disk full" in line, line
+    assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+    monkeypatch.undo()
+    assert predict_cli.main(_predict_argv(dataset, models[0], out)) == 0  # room again: the rest from the cache
+    assert len(read_submission(out)) == 3

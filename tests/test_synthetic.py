@@ -148,3 +148,32 @@ def test_a_mitotic_spindle_field_keeps_its_dividing_cells():
         f = generate_field([0, 1, s], size=512, labels=[11])  # seeds 5 and 11 lost them
         assert f.dividing and f.image_labels == [11], s
         assert {c for c, labels in f.cell_labels.items() if 11 in labels} == f.dividing
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--size", "10"], "argument --size: must be an integer of at least 32, got '10'"),
+    (["--size", "abc"], "argument --size: must be an integer of at least 32, got 'abc'"),
+    (["--size", "512,16"], "argument --size: must be an integer of at least 32, got '16'"),
+    (["--train", "-1"], "argument --train: must be an integer of at least 0, got '-1'"),
+    (["--workers", "0"], "argument --workers: must be an integer of at least 1, got '0'"),
+    (["--cell-dropout", "1.5"], "argument --cell-dropout: must be a number in [0, 1], got '1.5'"),
+    (["--train", "0", "--test", "0"], "--train and --test are both 0: nothing to write"),
+])
+def test_bad_arguments_are_one_argparse_line_and_leave_no_folder(tmp_path, capsys, args, message):
+    from hpa_tf.__main__ import main
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["synthetic", "--out", str(out), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"python -m hpa_tf synthetic: error: {message}" in err, err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_write_dataset_refuses_bad_sizes_before_making_folders(tmp_path):
+    for kw in ({"size": 10}, {"n_train": -1}, {"cell_dropout": 2.0}, {"weights": "nope"}):
+        with pytest.raises(ValueError):
+            write_dataset(tmp_path / "out", **{"n_test": 0, **kw})
+        assert not (tmp_path / "out").exists()

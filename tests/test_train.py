@@ -53,7 +53,8 @@ def test_mirrored_strategy_over_two_cpus_trains_and_writes_the_run_folder(shards
     names = set(os.listdir(tmp_path))
     assert {"best.keras", "best.json", "last.keras", "last.json", "model.json", "state.json", "log.csv",
             "val_ap.csv", "val_ap.json", "train_config.json"} <= names
-    assert len(_read_csv(tmp_path / "log.csv")) == 3
+    assert [r["epoch"] for r in _read_csv(tmp_path / "log.csv")] == ["1", "2", "3"]  # from 1, as val_ap.csv
+    assert "val_auc" not in _read_csv(tmp_path / "log.csv")[0]  # no Keras AUC beside val_macro_auc
     assert [r["epoch"] for r in _read_csv(tmp_path / "val_ap.csv")] == ["1", "2", "3"]
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["epoch"] == 3 and state["global_batch"] == 16
@@ -69,7 +70,7 @@ def test_mirrored_strategy_over_two_cpus_trains_and_writes_the_run_folder(shards
     assert info["training"]["augment_on"] == "device"
     assert info["augment"] == {"flip": True, "rotate90": True, "brightness": 0.05, "contrast": 0.1, "seed": 0}
     assert result.model.get_layer("augment").contrast == 0.1
-    assert "val_map" in info["val_metrics"] and "val_auc" in info["val_metrics"]
+    assert {"val_map", "val_macro_auc", "val_f1", "val_loss"} == set(info["val_metrics"])
     per_class = json.loads((tmp_path / "val_ap.json").read_text())["ap"]
     assert per_class["Nucleoplasm"] is not None and per_class["Mitotic spindle"] is None  # no positives: no AP
     # the predictor's loader reads the best model and its description
@@ -120,7 +121,7 @@ def test_resume_continues_at_the_next_epoch_with_the_same_optimizer_state(shards
         assert np.abs(slots[key]).sum() > 0
         np.testing.assert_array_equal(resumed_slots[key], slots[key])
     assert int(result.model.optimizer.iterations.numpy()) == 3 * 3
-    assert [r["epoch"] for r in _read_csv(tmp_path / "log.csv")] == ["0", "1", "2"]  # appended, not restarted
+    assert [r["epoch"] for r in _read_csv(tmp_path / "log.csv")] == ["1", "2", "3"]  # appended, not restarted
     assert json.loads((tmp_path / "state.json").read_text())["epoch"] == 3
     # nothing left to do: a further resume returns at once
     again = train.train(_config(shards, tmp_path, epochs=3, steps_per_epoch=3, val_fold=1, resume=True))
@@ -213,6 +214,82 @@ def test_cli_runs_and_reports_bad_input(shards, tmp_path, capsys):
     assert info["augment"]["contrast"] == 0.3
     assert train_cli.main(["--data", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no such file or folder"),
+    ("empty", "folder holds no shard files"),
+    ("val_fold", "fold 7 has no shards"),
+    ("backbone", "unknown backbone 'resnet9'; valid: efficientnet_b0"),
+    ("channels", "channels"),
+])
+def test_a_refused_start_is_one_line_and_leaves_no_run_folder(shards, tmp_path, capsys, case, message):
+    data = {"missing": str(tmp_path / "none"), "empty": str(tmp_path / "empty")}.get(case, shards)
+    (tmp_path / "empty").mkdir()
+    extra = {"val_fold": ["--val-fold", "7"], "backbone": ["--backbone", "resnet9"],
+             "channels": ["--channels", "rgbq"]}.get(case, [])
+    out = tmp_path / "runs" / "r1"
+    args = ["--data", data, "--out", str(out), "--strategy", "cpu", "--backbone", "tiny_cnn", "--image-size", "32",
+            *extra]
+    assert train_cli.main(args, prog="python -m hpa_tf train") == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and lines[0].startswith("python -m hpa_tf train: error: "), err
+    assert message in lines[0], lines[0]
+    if case == "backbone":
+        assert "tiny_cnn" in lines[0]
+    assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+def _damage(shard, how: str) -> None:
+    data = bytearray(shard.read_bytes())
+    if how == "truncated":
+        shard.write_bytes(bytes(data[: len(data) - 300]))
+    else:
+        data[len(data) // 2: len(data) // 2 + 16] = b"\xff" * 16
+        shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("fold, how", [(1, "truncated"), (0, "corrupt")])  # a training shard, a validation shard
+def test_a_damaged_shard_stops_training_with_one_line_naming_it(shards, tmp_path, capsys, fold, how):
+    import shutil
+    from pathlib import Path
+
+    data = tmp_path / "shards"
+    shutil.copytree(shards, data)
+    shard = sorted(data.glob(f"fold{fold}-*.tfrec"))[0]
+    _damage(shard, how)
+    args = ["--data", str(data), "--out", str(tmp_path / "run"), "--strategy", "cpu", "--backbone", "tiny_cnn",
+            "--image-size", "32", "--batch-size", "16", "--epochs", "1", "--steps-per-epoch", "2", "--val-fold", "0",
+            "--no-tensorboard", "--verbose", "0"]
+    assert train_cli.main(args, prog="python -m hpa_tf train") == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if ": error:" in line or "Traceback" in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"python -m hpa_tf train: error: {shard}: ")
+    assert "corrupt or truncated shard" in lines[0] and "--skip-corrupt-shards" in lines[0]
+    assert not (Path(tmp_path / "run") / "last.keras").exists()
+
+
+def test_skip_corrupt_shards_trains_without_them_and_counts_them(shards, tmp_path, caplog):
+    import logging
+    import shutil
+
+    data = tmp_path / "shards"
+    shutil.copytree(shards, data)
+    bad_train, bad_val = sorted(data.glob("fold1-*.tfrec"))[0], sorted(data.glob("fold0-*.tfrec"))[-1]
+    _damage(bad_train, "corrupt")
+    _damage(bad_val, "truncated")
+    split = shardset.split_folds(str(data), val_fold=0)
+    with caplog.at_level(logging.WARNING, logger="hpa_tf.shardset"):
+        result = train.train(_config(str(data), tmp_path / "run", epochs=1, steps_per_epoch=2, val_fold=0,
+                                     skip_corrupt_shards=True))
+    lost_train, lost_val = shardset.parse_shard_name(bad_train)[2], shardset.parse_shard_name(bad_val)[2]
+    assert result.n_train == split.n_train - lost_train and result.n_val == split.n_val - lost_val
+    assert result.epochs_completed == 1
+    text = caplog.text
+    assert f"skipping {bad_train}: corrupt or truncated shard" in text and f"skipping {bad_val}" in text
+    assert f"skipped 2 damaged shard(s) of {len(split.train_shards) + len(split.val_shards)}" in text
 
 
 def test_every_setting_is_a_flag_with_its_default():

@@ -8,8 +8,10 @@ Library entry points::
                                 crop=CropSpec(size=512, margin=0.1, mask_neighbors=False)))
     assert verify("records").ok
 
-``encode_field`` is the per-field unit of work (read → segment → crop → encode) that any runner
-can call; ``build`` is the local runner (resumable, a process pool with ``workers > 1``).
+``encode_field`` is the per-field unit of work (read → segment → crop → encode) that both runners
+call; ``build`` runs a build (resumable) with the local runner (a process pool with ``workers > 1``)
+or, with ``BuildOptions(runner="beam", beam_options=(...))``, as an Apache Beam pipeline
+(``tfrecord_builder.beam_runner``; ``pip install .[beam]``) that builds the same shard set.
 """
 
 from tfrecord_builder.builder import BuildResult, build

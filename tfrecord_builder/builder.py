@@ -1,11 +1,14 @@
 """Stage 2: fields of view → segmented cells → crops → TFRecord shards, in parallel and resumable.
 
-``build(options)`` runs the whole build with the local runner; its parts, one job each:
+``build(options)`` runs the whole build with the local runner (``options.runner == "local"``) or
+as an Apache Beam pipeline (``"beam"``: ``tfrecord_builder.beam_runner``, the same plan, the same
+per-field function and the same assembly, so the same shard set); its parts, one job each:
 
 ``tfrecord_builder.options``  ``BuildOptions`` (the ``CropSpec`` included), checks, the content config
 ``tfrecord_builder.plan``     images → shard tasks (``plan_shards``), deterministic whatever the workers
 ``tfrecord_builder.field``    ``encode_field``: one field read, segmented, cropped and encoded
 ``tfrecord_builder.worker``   one shard task start to finish, in this process or a process pool
+``tfrecord_builder.beam_runner``  the tasks as a Beam pipeline (DirectRunner, Dataflow, …)
 ``tfrecord_builder.output``   the output folder: create/check, resume, assemble manifest and summary
 ``tfrecord_builder.verify``   read a built shard set back and check it
 
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 
 from hpa_tf import fileutil, shardset
 from hpa_tf.folds import assign_folds, write_folds_csv
-from hpa_tf.io import read_labels
+from hpa_tf.io import read_labels, read_sources
 from tfrecord_builder.options import BuildError, BuildOptions, check_options, config_hash, content_config
 from tfrecord_builder.output import assemble, clean_temp_files, load_part, prepare_output, remove_unfinished
 from tfrecord_builder.plan import CELLS_PER_FIELD, ShardTask, estimate_images_per_shard, plan_shards
@@ -60,9 +63,13 @@ class BuildResult:
     def line(self) -> str:
         """One-line summary for a person."""
         state = "" if self.complete else " (incomplete: rerun to finish)"
+        skipped = f"skipped {self.fields_skipped} field(s)"
+        if self.fields_skipped:
+            where = fileutil.join(self.out, shardset.SKIPPED)
+            skipped += f" (listed with their reasons in {where})" if self.complete else " (listed once complete)"
         return (
             f"{self.fields} fields, {self.cells} cells, {self.shards} shards, {self.bytes / 1e6:.1f} MB "
-            f"in {self.seconds:.1f} s; skipped {self.fields_skipped} field(s), dropped {self.cells_dropped} "
+            f"in {self.seconds:.1f} s; {skipped}, dropped {self.cells_dropped} "
             f"small cell(s); built {self.shards_built} shard(s) now, kept {self.shards_kept}{state}"
         )
 
@@ -74,6 +81,23 @@ def result_from_summary(out: str, summary: dict, built: int, kept: int, seconds:
         cells=summary["cells"], cells_dropped=summary["cells_dropped_small"], shards=summary["shards"],
         bytes=summary["bytes"], seconds=seconds, shards_built=built, shards_kept=kept, summary=summary,
     )
+
+
+def run_beam(todo: list[ShardTask], options: BuildOptions, digest: str, parts: dict[str, dict]) -> None:
+    """Run the tasks as a Beam pipeline (``tfrecord_builder.beam_runner``), then read their sidecars into ``parts``."""
+    from tfrecord_builder.beam_runner import run_tasks as beam_run_tasks
+
+    counters = beam_run_tasks(todo, options, digest)
+    shard_files = {n for n in fileutil.listdir(options.out) if n.endswith(".tfrec")}
+    for task in todo:
+        part = load_part(options.out, task, digest, shard_files)
+        if part is None:
+            raise BuildError(f"the Beam pipeline finished but shard task {task.stem} has no valid sidecar in "
+                             f"{fileutil.join(options.out, shardset.PARTS_DIR)}")
+        parts[task.stem] = part
+    fields = sum(len(t.image_ids) for t in todo)
+    log.info("beam: %d field(s), %d cell(s) in %.1f s (%.2f fields/s)", fields, sum(parts[t.stem]["count"] for t in todo),
+             counters["seconds"], fields / max(counters["seconds"], 1e-9))
 
 
 def build(options: BuildOptions, progress: bool = False, max_shards: int | None = None) -> BuildResult:
@@ -106,12 +130,21 @@ def build(options: BuildOptions, progress: bool = False, max_shards: int | None 
     per_shard = options.images_per_shard or estimate_images_per_shard(
         options.shard_mb, options.crop.size, options.encoding, cells_per_field=1 if options.crop.is_field else CELLS_PER_FIELD
     )
-    tasks = plan_shards(image_ids, folds, labels, per_shard)
+    tasks = plan_shards(image_ids, folds, labels, per_shard, read_sources(options.labels))
     config = content_config(options, per_shard)
     digest = config_hash(config)
     out = str(options.out)
-    run_info = {"workers": options.workers, "shard_mb": options.shard_mb, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    segmenter = check_segmenter(options)  # one that cannot be made stops the build before any output
+    run_info = {"runner": options.runner, "workers": options.workers, "shard_mb": options.shard_mb,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if options.runner == "beam":
+        from tfrecord_builder.beam_runner import check_inputs, import_beam, stage_models
+
+        import_beam()  # a missing apache-beam stops the build before any output, naming the install line
+        check_inputs(options)
+        check_segmenter(stage_models(options))  # model files may be remote (gs://); the workers make their own
+        segmenter = None
+    else:
+        segmenter = check_segmenter(options)  # one that cannot be made stops the build before any output
     prepare_output(out, config, run_info)
     fileutil.makedirs(fileutil.join(out, shardset.PARTS_DIR))
     clean_temp_files(out)
@@ -137,7 +170,7 @@ def build(options: BuildOptions, progress: bool = False, max_shards: int | None 
     )
 
     bar = None
-    if progress:
+    if progress and options.runner == "local":  # the Beam runner's progress is its runner's (e.g. Dataflow's UI)
         from tqdm import tqdm
 
         bar = tqdm(total=sum(len(t.image_ids) for t in todo), unit="field", desc="cells → tfrecords", smoothing=0)
@@ -157,7 +190,10 @@ def build(options: BuildOptions, progress: bool = False, max_shards: int | None 
         parts[task.stem] = part
 
     try:
-        run_tasks(todo, options, digest, on_done, on_field, segmenter=segmenter)
+        if options.runner == "beam":
+            run_beam(todo, options, digest, parts)
+        else:
+            run_tasks(todo, options, digest, on_done, on_field, segmenter=segmenter)
     finally:
         if bar is not None:
             bar.close()

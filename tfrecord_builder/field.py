@@ -134,6 +134,7 @@ def encode_field(
     fold: int,
     options: BuildOptions,
     segmenter: object | None = None,
+    source: str | None = None,
 ) -> FieldResult:
     """Read, segment, crop and encode one field of view.
 
@@ -144,6 +145,7 @@ def encode_field(
         ``min_cell_area``, ``source`` and the encoding settings are used.
     segmenter : an object with ``segment(image) -> (cells, nuclei)``; not used (may be None) when
         ``options.masks_dir`` is set.
+    source : the field's ``source`` (its label-file row's ``Source``); None: ``options.source``.
 
     Returns
     -------
@@ -153,15 +155,16 @@ def encode_field(
     from hpa_tf.records import FIELD_CELL_ID, encode_example, encode_field_example
 
     image, skip = read_field(options.data_dir, image_id)
+    source = options.source if source is None else source
     if options.crop.is_field:  # the whole field, resized: no segmentation
         if image is None:
             return FieldResult(image_id, skip=skip)
         height, width = image.shape[:2]
         example = encode_field_example(
-            options.crop.field(image), labels, image_id, (height, width), fold=fold, source=options.source,
+            options.crop.field(image), labels, image_id, (height, width), fold=fold, source=source,
             encoding=options.encoding, jpeg_quality=options.jpeg_quality, png_compression=options.png_compression)
         row = (image_id, FIELD_CELL_ID, int(fold), format_labels(labels), None, None, height * width,
-               0, 0, width, height, height, width, options.source)
+               0, 0, width, height, height, width, source)
         return FieldResult(image_id, (example,), (row,), 0)
     cells = None
     if image is not None:
@@ -187,11 +190,11 @@ def encode_field(
                 labels_text = format_labels(cell_labels)
             examples.append(encode_example(
                 batch.crops[k], batch.masks[k], cell_labels, image_id, cell_id, bbox, (height, width),
-                fold=fold, source=options.source, encoding=options.encoding,
+                fold=fold, source=source, encoding=options.encoding,
                 jpeg_quality=options.jpeg_quality, png_compression=options.png_compression,
             ))
             rows.append((image_id, cell_id, int(fold), labels_text, None, None, int(batch.areas[k]),
-                         *bbox, height, width, options.source))
+                         *bbox, height, width, source))
     if not examples:
         n_small = find_cells(cells, min_area=options.min_cell_area).n_dropped
         reason = "no cells" if n_small == 0 else f"no cells of at least {options.min_cell_area} px ({n_small} smaller)"

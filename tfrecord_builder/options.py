@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from hpa_tf.crops import CropSpec
+from hpa_tf.fileutil import is_remote
 
 #: Version of the build config's layout (2: the crop spec is one ``crop`` entry).
 FORMAT_VERSION = 2
@@ -48,6 +49,12 @@ class BuildOptions:
     cell_labels : a CSV ``ID,CellId,Label`` (other columns ignored, e.g. the synthetic
         ``train_truth.csv``) giving each cell its own labels instead of its field's; needs
         ``masks_dir`` (the cell ids are the saved masks'). Cells it does not list are dropped.
+    source : the ``source`` feature of records whose label-file row has no ``Source`` value
+        (e.g. ``train``; the downloader's label file says ``hpa-public`` per row).
+    runner : ``local`` (this machine: a process pool) or ``beam`` (an Apache Beam pipeline:
+        ``tfrecord_builder.beam_runner``); both build the same shard set.
+    beam_options : Beam pipeline options (``--runner=DataflowRunner --project=…``); with
+        ``runner="beam"`` only (empty: the local DirectRunner with ``workers`` workers).
     """
 
     data_dir: str
@@ -69,6 +76,12 @@ class BuildOptions:
     min_cell_area: int = 0
     source: str = "train"
     cell_labels: str | None = None
+    runner: str = "local"
+    beam_options: tuple[str, ...] = ()
+
+
+#: Runners of a build (``BuildOptions.runner``).
+RUNNERS: tuple[str, ...] = ("local", "beam")
 
 
 def check_options(options: BuildOptions) -> None:
@@ -94,8 +107,19 @@ def check_options(options: BuildOptions) -> None:
         problems.append(f"images per shard must be >= 1, got {options.images_per_shard}")
     if options.shard_mb <= 0:
         problems.append(f"shard size must be > 0 MB, got {options.shard_mb}")
-    if not os.path.isdir(options.data_dir):
-        problems.append(f"data dir {options.data_dir} is not a folder")
+    if options.runner not in RUNNERS:
+        problems.append(f"runner must be one of {RUNNERS}, got {options.runner!r}")
+    if options.beam_options and options.runner != "beam":
+        problems.append("beam options need runner beam")
+    # remote inputs (gs://…) are read by the Beam runner through Beam's file systems; it checks them
+    for what, path in (("data dir", options.data_dir), ("masks dir", options.masks_dir)):
+        if path is None:
+            continue
+        if is_remote(path):
+            if options.runner != "beam":
+                problems.append(f"{what} {path} is remote: only --runner beam reads fields from remote storage")
+        elif not os.path.isdir(path):
+            problems.append(f"{what} {path} is not a folder")
     if not os.path.isfile(options.labels):
         problems.append(f"labels file {options.labels} not found")
     if options.cell_labels is not None:
@@ -103,10 +127,13 @@ def check_options(options: BuildOptions) -> None:
             problems.append(f"cell labels file {options.cell_labels} not found")
         if options.masks_dir is None or (isinstance(options.crop, CropSpec) and options.crop.is_field):
             problems.append("cell labels need cell records from saved masks (masks_dir, kind 'cell'): their ids")
-    if options.masks_dir is not None and not os.path.isdir(options.masks_dir):
-        problems.append(f"masks dir {options.masks_dir} is not a folder")
     if problems:
         raise BuildError("; ".join(problems))
+
+
+def _where(path: str) -> str:
+    """A local path made absolute; a remote one as it is."""
+    return str(path) if is_remote(path) else os.path.abspath(path)
 
 
 def _sha256(path: str) -> str:
@@ -141,7 +168,7 @@ def content_config(options: BuildOptions, images_per_shard: int) -> dict:
     else:
         segmenter = "masks" if options.masks_dir else options.segmenter
         seg_opts = {} if options.masks_dir else seg_opts
-        masks_dir = os.path.abspath(options.masks_dir) if options.masks_dir else None
+        masks_dir = _where(options.masks_dir) if options.masks_dir else None
     config = {
         "format": FORMAT_VERSION,
         "crop": options.crop.to_dict(),
@@ -153,7 +180,7 @@ def content_config(options: BuildOptions, images_per_shard: int) -> dict:
         "folds": int(options.folds),
         "seed": int(options.seed),
         "source": options.source,
-        "data_dir": os.path.abspath(options.data_dir),
+        "data_dir": _where(options.data_dir),
         "labels_file": os.path.abspath(options.labels),
         "labels_sha256": _sha256(options.labels),
         "limit": options.limit,

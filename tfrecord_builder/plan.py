@@ -26,6 +26,11 @@ class ShardTask:
     index: int
     image_ids: tuple[str, ...]
     labels: tuple[tuple[int, ...], ...]  # class ids per image, same order
+    sources: tuple[str | None, ...] = ()  # per image, same order (None or absent: the build's --source)
+
+    def source(self, k: int) -> str | None:
+        """The source of the ``k``-th image from the label file (None: the build's default)."""
+        return self.sources[k] if k < len(self.sources) else None
 
     @property
     def stem(self) -> str:
@@ -53,9 +58,14 @@ def estimate_images_per_shard(
 
 
 def plan_shards(
-    image_ids: Sequence[str], folds: Mapping[str, int], labels: Mapping[str, Sequence[int]], images_per_shard: int
+    image_ids: Sequence[str], folds: Mapping[str, int], labels: Mapping[str, Sequence[int]], images_per_shard: int,
+    sources: Mapping[str, str] | None = None,
 ) -> list[ShardTask]:
-    """Cut the images, sorted by (fold, ID), into groups of ``images_per_shard`` within each fold."""
+    """Cut the images, sorted by (fold, ID), into groups of ``images_per_shard`` within each fold.
+
+    ``sources``: per-image source names from the label file (``hpa_tf.io.read_sources``); images
+    without one get the build's ``--source``.
+    """
     if images_per_shard < 1:
         raise ValueError(f"images_per_shard must be >= 1, got {images_per_shard}")
     by_fold: dict[int, list[str]] = {}
@@ -66,5 +76,6 @@ def plan_shards(
         ids = by_fold[fold]
         for index, start in enumerate(range(0, len(ids), images_per_shard)):
             group = tuple(ids[start : start + images_per_shard])
-            tasks.append(ShardTask(fold, index, group, tuple(tuple(int(c) for c in labels[i]) for i in group)))
+            tasks.append(ShardTask(fold, index, group, tuple(tuple(int(c) for c in labels[i]) for i in group),
+                                   tuple((sources or {}).get(i) for i in group)))
     return tasks

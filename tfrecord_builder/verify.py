@@ -12,6 +12,10 @@ from hpa_tf import fileutil, shardset
 log = logging.getLogger(__name__)
 
 
+class NotAShardSetError(ValueError):
+    """``verify`` was given something that is not a built output (no folder, or no manifest and no shards)."""
+
+
 @dataclass
 class VerifyReport:
     """Result of ``verify``: ``problems`` is empty when the output is consistent."""
@@ -21,6 +25,8 @@ class VerifyReport:
     manifest_rows: int = 0
     decoded: int = 0
     problems: list[str] = field(default_factory=list)
+    #: the problems that are unreadable (corrupt or truncated) shards, one per shard (also in ``problems``)
+    corrupt: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -33,6 +39,8 @@ class VerifyReport:
 def verify(out: str, sample: int = 2) -> VerifyReport:
     """Check a built output against its manifest.
 
+    Raises ``NotAShardSetError`` when ``out`` is not a folder, or holds neither a manifest nor shards.
+
     Reads every shard: its record count must equal the count in its name and its manifest rows,
     and its records' (image_id, cell_id) must follow the manifest's order; the first ``sample``
     records of each shard are fully decoded (``hpa_tf.records.parse_example``) and checked for
@@ -41,11 +49,16 @@ def verify(out: str, sample: int = 2) -> VerifyReport:
     """
     import tensorflow as tf
 
-    from hpa_tf.records import parse_example
+    from hpa_tf.records import parse_example, read_error_reason
 
     report = VerifyReport()
     problems = report.problems
     out = str(out)
+    if not fileutil.isdir(out):
+        raise NotAShardSetError(f"{out} is not a folder")
+    if not fileutil.exists(fileutil.join(out, shardset.MANIFEST)) and not any(
+            shardset.is_shard_name(n) for n in fileutil.listdir(out)):
+        raise NotAShardSetError(f"{out} is not a shard set: it holds neither {shardset.MANIFEST} nor shards")
     try:
         manifest = shardset.read_manifest(fileutil.join(out, shardset.MANIFEST))
     except (OSError, ValueError, tf.errors.OpError) as e:
@@ -92,7 +105,9 @@ def verify(out: str, sample: int = 2) -> VerifyReport:
             for batch in dataset:
                 ids.extend(zip((b.decode() for b in batch["image_id"].numpy()), batch["cell_id"].numpy().tolist()))
         except tf.errors.OpError as e:
-            problems.append(f"{name}: unreadable after {len(ids)} record(s) (corrupt or truncated): {e.message.splitlines()[0]}")
+            report.corrupt.append(f"{name}: unreadable after {len(ids)} record(s) (corrupt or truncated shard): "
+                                  f"{read_error_reason(e)}")
+            problems.append(report.corrupt[-1])
             continue
         report.records += len(ids)
         if len(ids) != count_in_name:

@@ -86,8 +86,8 @@ def build_shard(task: ShardTask, options: BuildOptions, config_hash: str, segmen
     t0, cpu0 = time.perf_counter(), time.process_time()
     results = []
     with ShardWriter(options.out, max_per_shard=1 << 62, first_index=task.index) as writer:
-        for image_id, label_ids in zip(task.image_ids, task.labels):
-            result = encode_field(image_id, label_ids, task.fold, options, segmenter)
+        for k, (image_id, label_ids) in enumerate(zip(task.image_ids, task.labels)):
+            result = encode_field(image_id, label_ids, task.fold, options, segmenter, source=task.source(k))
             for example in result.examples:
                 writer.write(example, fold=task.fold)
             results.append(result)

@@ -15,13 +15,14 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from hpa_tf.cli import plain, quiet_tensorflow
 from hpa_tf.config import PredictConfig
 from hpa_tf.settings import add_arguments, from_arguments
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The parser: one flag per ``PredictConfig`` setting, with its default shown."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p, PredictConfig)
     return p
 
@@ -32,18 +33,27 @@ def parse_config(argv: Sequence[str] | None = None, prog: str | None = None) -> 
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    config = parse_config(argv, prog)
+    quiet_tensorflow()  # before TensorFlow is imported
+    parser = build_parser(prog)
+    config = from_arguments(PredictConfig, parser.parse_args(argv))
+    name = parser.prog
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from hpa_tf.segmentation import preload
 
     preload(config.segmenter)  # hpacellseg: PyTorch's stack must be imported before TensorFlow
+    from hpa_tf.fileutil import describe_write_error
     from hpa_tf.predict import PredictError, run
 
-    name = prog or "predict"
     try:
         s = run(config)
     except (PredictError, FileNotFoundError, ValueError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a full disk, no permission: one line, not a traceback
+        line = describe_write_error(e, config.out)
+        if line is None:
+            raise
+        print(f"{name}: error: {line}", file=sys.stderr)
         return 2
     per = s["seconds_per_field"]
     print(

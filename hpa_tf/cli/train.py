@@ -20,6 +20,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from hpa_tf.cli import plain, quiet_tensorflow
 from hpa_tf.config import TrainConfig
 from hpa_tf.settings import add_arguments, from_arguments
 
@@ -28,7 +29,7 @@ GROUPS = ("data", "augmentation", "model", "optimisation", "hardware", "output")
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The parser: one flag per ``TrainConfig`` setting, with its default shown."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p, TrainConfig, groups=GROUPS)
     return p
 
@@ -39,13 +40,15 @@ def parse_config(argv: Sequence[str] | None = None, prog: str | None = None) -> 
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    config = parse_config(argv, prog)
+    quiet_tensorflow()  # before TensorFlow is imported
+    parser = build_parser(prog)
+    config = from_arguments(TrainConfig, parser.parse_args(argv))
+    name = parser.prog
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from hpa_tf.distribute import AcceleratorNotFoundError
     from hpa_tf.shardset import DataError
     from hpa_tf.train import NonFiniteLossError, train
 
-    name = prog or "train"
     try:
         result = train(config)
     except (DataError, AcceleratorNotFoundError, FileNotFoundError, ValueError) as e:

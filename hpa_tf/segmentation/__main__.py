@@ -23,9 +23,10 @@ from hpa_tf.segmentation import BACKENDS, SEGMENTER_ERRORS, draw_overlay, get_se
 logger = logging.getLogger("hpa_tf.segmentation")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The command line (``prog``: the name its usage shows)."""
     p = argparse.ArgumentParser(
-        prog="python -m hpa_tf.segmentation",
+        prog=prog or "python -m hpa_tf.segmentation",
         description="Segment HPA fields of view into cells and nuclei (uint16 label PNGs, optional overlays).",
     )
     p.add_argument("--data-dir", required=True, help="folder with {ID}_{red,green,blue,yellow}.{png,jpg,tif}")
@@ -46,13 +47,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 some field failed, 2 bad arguments)."""
+    from hpa_tf.cli import quiet_tensorflow
+
+    quiet_tensorflow()  # before anything imports TensorFlow (as the predictor does in the same process)
     from tqdm import tqdm
 
     from hpa_tf.io import ImageReadError, list_image_ids, read_rgby, write_label_image, write_png
 
-    args = _parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
