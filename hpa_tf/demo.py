@@ -64,9 +64,9 @@ class DemoSettings:
 
 
 PRESETS: dict[str, DemoSettings] = {
-    # measured (README): about 409 CPU seconds (≈ 3.4 min on 2 cores), fusion skill 0.45, supervised 0.68
+    # measured (README): about 397 CPU seconds (≈ 3.3 min on 2 cores), fusion skill 0.46, supervised 0.87
     "default": DemoSettings(),
-    # measured (README): about 130 CPU seconds (≈ 65 s on 2 cores), fusion skill 0.49
+    # measured (README): about 127 CPU seconds (≈ 63 s on 2 cores), fusion skill 0.72
     "quick": DemoSettings(train_fields=80, test_fields=16, size=512, epochs=15, batch_size=32, field_size=128,
                           field_epochs=40, field_batch_size=8, supervised=False, folds=4),
 }
