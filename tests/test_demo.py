@@ -17,7 +17,7 @@ def test_quick_demo_runs_end_to_end_learns_and_resumes(tmp_path, capsys):
     # learning for real: every component scored beside chance and the ceiling; the fusion beats chance
     assert set(figures["components"]) == {"cell", "image", "cam", "fusion"}
     assert figures["mAP"] > figures["random_mAP"] and figures["skill"] > 0.2
-    assert figures["components"]["cell"]["skill"] > 0 and figures["components"]["cam"]["skill"] > 0
+    assert figures["components"]["cell"]["skill"] > 0.2  # (the CAM's own test is in test_field.py)
     assert figures["random_mAP"] < figures["mAP"] < figures["ceiling_mAP"] <= 1
     assert figures["segmentation"]["cell_recall"] >= 0.8
     metric = json.loads((out / "metric.json").read_text())
