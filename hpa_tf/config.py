@@ -62,6 +62,18 @@ def parse_fold(text: str) -> int | None:
     return None if text.strip().lower() in ("none", "-1", "") else int(text)
 
 
+def parse_weights(text: str | Sequence[float]) -> tuple[float, float, float]:
+    """``a,b,c`` (or three numbers) → three non-negative floats, not all 0: the fusion weights of the
+    cell model, field image and CAM scores (ValueError otherwise)."""
+    parts = [p.strip() for p in str(text).split(",")] if isinstance(text, str) else list(text)
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"fusion weights must be three numbers a,b,c, got {text!r}") from None
+    if len(values) != 3 or any(not v >= 0 for v in values) or not any(v > 0 for v in values):
+        raise ValueError(f"fusion weights must be three numbers a,b,c >= 0, not all 0, got {text!r}")
+    return values  # type: ignore[return-value]
+
 def parse_sources(text: str) -> tuple[str, ...]:
     """Source names from one command-line word: ``train,hpa-public`` → ``("train", "hpa-public")``
     (``argparse.ArgumentTypeError`` when empty)."""
@@ -115,6 +127,10 @@ class TrainConfig:
         convert=_one_or_many)
     out: str = setting(help="run folder (local or gs://) for checkpoints and logs", group="output")
     manifest: str | None = setting(None, help="manifest.csv", group="data", default_text="beside the shards")
+    task: str | None = setting(
+        None, choices=("cell", "field"), group="data", default_text="the shard set's record kind",
+        help="what the model classifies: 'cell' crops or whole 'field's (image-level model, class activation "
+             "maps); must match the shard set's crop spec kind (build_config.json)")
     val_fold: int | None = setting(0, help="held-out fold ('none': train on all folds)", group="data", type=parse_fold)
     train_folds: Sequence[int] | None = setting(None, help="training folds", group="data",
                                                 default_text="all but --val-fold")
@@ -193,8 +209,21 @@ class PredictConfig:
     derived from it (``hpa_tf.settings``). The crop spec of each model comes from its ``model.json``."""
 
     test_dir: str = setting(help="folder of {ID}_{red,green,blue,yellow} files")
-    models: Sequence[str] = setting(help="one or more .keras models (their model.json beside)", flag="--model",
-                                    metavar="MODEL")
+    models: Sequence[str] | None = setting(None, help="one or more cell models (.keras, their model.json beside)",
+                                           flag="--model", metavar="MODEL", default_text="none")
+    field_models: Sequence[str] | None = setting(
+        None, flag="--field-model", metavar="MODEL", default_text="none",
+        help="one or more image-level (field) models: their image probabilities and class activation maps "
+             "score every cell (give --model, --field-model or both)")
+    fusion: str | None = setting(
+        None, choices=("mean", "product"), default_text="mean with a cell model, product with only a field model",
+        help="how the components (cell model prob, field image prob, CAM score) combine per cell and class: "
+             "'mean' = weighted mean; 'product' = image^b × weighted mean of cell and CAM")
+    fusion_weights: tuple[float, float, float] | str = setting(
+        (1.0, 1.0, 1.0), type=parse_weights, metavar="A,B,C", default_text="1,1,1",
+        help="weights a (cell model), b (field image prob), c (CAM) of --fusion; absent components are left out")
+    component_scores: bool = setting(
+        False, help="also write OUT's stem + .components.json: every cell's score from each component")
     out: str = setting("submission.csv", help="submission CSV to write")
     ids: Sequence[str] | None = setting(None, help="IDs to predict", exclusive="which",
                                         default_text="every field in --test-dir")
@@ -206,6 +235,7 @@ class PredictConfig:
     masks_dir: str | None = setting(None, help="reuse saved {ID}_cells.png masks found here")
     batch_size: int = setting(32, help="crops per model call")
     tta: bool = setting(False, help="average over flips (4 views)")
-    image_weight: float = setting(0.3, help="weight of the field-level score fused into each cell's score (0 = off)")
+    image_weight: float = setting(0.3, help="without --field-model: weight of the field's highest cell score fused "
+                                            "into each cell's score (0 = off)")
     cache_dir: str | None = setting(None, help="where finished fields are kept", default_text="OUT.cache")
     progress: bool = setting(True, help="progress bar")

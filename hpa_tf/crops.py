@@ -19,6 +19,12 @@ Masks
     OTHER cells are set to zero in the crop before resizing; background (label 0) and the cell's
     own pixels are kept.
 
+Whole fields (kind ``field``)
+    A ``field`` spec describes one record per field of view: the whole field resized to
+    ``size × size`` (``field_image``; ``cv2.INTER_AREA`` when shrinking, ``cv2.INTER_LINEAR`` when
+    enlarging; a non-square field is stretched, and cell masks map onto it with the same
+    stretch). It has no margin (recorded as 0.0) and no neighbour masking (refused).
+
 The crop spec
     ``CropSpec`` (frozen) is everything that defines a crop: ``kind``, ``size``, ``margin`` and
     ``mask_neighbors``. It is the one object that travels between the stages: the TFRecord builder
@@ -52,9 +58,9 @@ DEFAULT_MARGIN: float = 0.1
 #: Default crop side in pixels.
 DEFAULT_CROP_SIZE: int = 512
 #: Record kinds a crop spec can describe. ``cell``: one square crop per segmented cell (this
-#: module's geometry). A whole-field kind (each field resized to ``size`` × ``size``) is meant to
-#: join as a second value here, with the same spec, shard-set layout and folds.
-KINDS: tuple[str, ...] = ("cell",)
+#: module's geometry); ``field``: one record per field of view, the whole field resized to
+#: ``size`` × ``size`` (``field_image``), with the same spec, shard-set layout and folds.
+KINDS: tuple[str, ...] = ("cell", "field")
 
 
 @dataclass(frozen=True)
@@ -105,10 +111,11 @@ class CropSpec:
 
     Attributes
     ----------
-    kind : record kind, one of ``KINDS`` (``"cell"``).
+    kind : record kind, one of ``KINDS``: ``"cell"`` (a crop per cell) or ``"field"`` (the whole field).
     size : crop side S in pixels (>= 1).
-    margin : fraction of the cell box's longer side added on each side (>= 0; 0 is a tight box).
-    mask_neighbors : zero the pixels of other cells in each crop.
+    margin : fraction of the cell box's longer side added on each side (>= 0; 0 is a tight box);
+        always 0.0 for a ``field`` spec (a field has no margin).
+    mask_neighbors : zero the pixels of other cells in each crop (``cell`` only).
 
     >>> spec = CropSpec(size=64, margin=0.0, mask_neighbors=True)
     >>> CropSpec.from_dict(spec.to_dict()) == spec
@@ -135,11 +142,13 @@ class CropSpec:
             problems.append(f"margin must be a finite number >= 0, got {self.margin!r}")
         if not isinstance(self.mask_neighbors, (bool, np.bool_)):
             problems.append(f"mask_neighbors must be true or false, got {self.mask_neighbors!r}")
+        elif self.kind == "field" and self.mask_neighbors:
+            problems.append("mask_neighbors applies to cell crops, not to whole fields (kind 'field')")
         if problems:
             raise CropSpecError("; ".join(problems))
         # canonical Python types, so that equality, hashing and JSON do not depend on the caller's
         object.__setattr__(self, "size", int(self.size))
-        object.__setattr__(self, "margin", float(self.margin))
+        object.__setattr__(self, "margin", 0.0 if self.kind == "field" else float(self.margin))
         object.__setattr__(self, "mask_neighbors", bool(self.mask_neighbors))
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,16 +178,52 @@ class CropSpec:
         except CropSpecError as e:
             raise CropSpecError(f"{where}: {e}") from None
 
+    @property
+    def is_field(self) -> bool:
+        """True for a whole-field spec (kind ``field``)."""
+        return self.kind == "field"
+
+    def field(self, image: np.ndarray) -> np.ndarray:
+        """The whole field resized to ``size × size`` (``field_image``); a ``field`` spec only."""
+        if not self.is_field:
+            raise CropSpecError(f"a {self.kind!r} crop spec crops cells; field() needs kind 'field'")
+        return field_image(image, self.size)
+
+    def _need_cells(self) -> None:
+        if self.is_field:
+            raise CropSpecError("a 'field' crop spec describes whole fields (field()); it crops no cells")
+
     def crop(self, image: np.ndarray, cells: np.ndarray, cell_ids: Sequence[int] | np.ndarray | None = None,
              min_area: int = 0) -> CellCrops:
         """``cell_crops`` of a field with this spec's size, margin and neighbour masking."""
+        self._need_cells()
         return cell_crops(image, cells, self.size, self.margin, self.mask_neighbors, min_area, cell_ids)
 
     def iter_crops(self, image: np.ndarray, cells: np.ndarray, cell_ids: Sequence[int] | np.ndarray | None = None,
                    min_area: int = 0, batch_size: int = 16) -> Iterator[CellCrops]:
         """``iter_cell_crops`` of a field with this spec (bounded memory)."""
+        self._need_cells()
         return iter_cell_crops(image, cells, self.size, self.margin, self.mask_neighbors, min_area, cell_ids,
                                batch_size)
+
+
+def field_image(image: np.ndarray, size: int) -> np.ndarray:
+    """A whole field resized to ``(size, size, C)`` in its dtype: ``cv2.INTER_AREA`` when shrinking,
+    ``cv2.INTER_LINEAR`` when enlarging, unchanged when already that size (a non-square field is
+    stretched to the square)."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or min(image.shape[:2]) < 1:
+        raise ValueError(f"image must be (H, W, C) or (H, W), got shape {image.shape}")
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    height, width = image.shape[:2]
+    if (height, width) == (size, size):
+        return image.copy()
+    interp = cv2.INTER_AREA if height * width > size * size else cv2.INTER_LINEAR
+    out = cv2.resize(np.ascontiguousarray(image), (size, size), interpolation=interp)
+    return out[..., None] if out.ndim == 2 else out
 
 
 def crop_window(bbox: Sequence[int], shape: Sequence[int], margin: float = DEFAULT_MARGIN) -> tuple[int, int, int]:

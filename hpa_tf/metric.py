@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -607,6 +608,7 @@ class _Prepared:
     n_ignored_detections: int
     n_empty_masks: int
     n_empty_truth_cells: int
+    image_ids: tuple[str, ...] = ()  # the truth IDs in visit order (det_image indexes them)
 
 
 def _cat(parts: list[np.ndarray], dtype, shape: tuple[int, ...] = ()) -> np.ndarray:
@@ -754,6 +756,7 @@ def _prepare(
         n_ignored_detections=int(n_ignored),
         n_empty_masks=n_empty_masks,
         n_empty_truth_cells=int(n_empty_cells),
+        image_ids=tuple(order),
     )
 
 
@@ -913,7 +916,13 @@ def evaluate_with_baselines(
     if n_seeds < 1:
         raise ValueError(f"n_seeds must be at least 1, got {n_seeds}")
     prep = _prepare(submission, truth, iou_threshold, count_absent_classes, masks_dir, image_ids, progress)
-    metric = _metric_result(prep, iou_threshold, f1_threshold)
+    return _with_baselines(prep, _metric_result(prep, iou_threshold, f1_threshold), count_absent_classes, n_seeds,
+                           seed)
+
+
+def _with_baselines(prep: _Prepared, metric: MetricResult, count_absent_classes: bool, n_seeds: int,
+                    seed: int) -> BaselineResult:
+    """``metric`` beside the random and ceiling baselines of ``prep``'s cells (``evaluate_with_baselines``)."""
 
     cell = prep.mask_best[prep.det_mask, prep.det_label]
     rng = np.random.default_rng(seed)
@@ -949,6 +958,53 @@ def evaluate_with_baselines(
         n_matched_cells=int(np.sum(prep.mask_cell >= 0)),
         seed=int(seed),
     )
+
+
+def evaluate_rescorings(
+    submissions: Mapping[str, Iterable[SubmissionRow]],
+    truth: str | os.PathLike | Mapping[str, ImageTruth],
+    iou_threshold: float = 0.6,
+    count_absent_classes: bool = False,
+    f1_threshold: float = 0.5,
+    masks_dir: str | os.PathLike | None = None,
+    image_ids: Iterable[str] | None = None,
+    n_seeds: int = 5,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, BaselineResult]:
+    """``evaluate_with_baselines`` of several submissions that list the same detections and differ
+    only in their confidences (the same IDs, and per ID the same classes and masks in the same
+    order: e.g. each component of a prediction and their fusions, ``hpa_tf.predict.component_rows``).
+
+    The masks are decoded, the IoUs computed and the random and ceiling baselines drawn once, on
+    the first submission's cells, so every result shares them. Returns ``{name: BaselineResult}``.
+
+    Raises
+    ------
+    MetricError : a submission whose detections differ from the first's (other than in confidence).
+    """
+    if n_seeds < 1:
+        raise ValueError(f"n_seeds must be at least 1, got {n_seeds}")
+    named = {name: _as_rows(rows) for name, rows in submissions.items()}
+    if not named:
+        raise ValueError("no submission to score")
+    first = next(iter(named.values()))
+    prep = _prepare(first, truth, iou_threshold, count_absent_classes, masks_dir, image_ids, progress)
+    base = _with_baselines(prep, _metric_result(prep, iou_threshold, f1_threshold), count_absent_classes, n_seeds,
+                           seed)
+    out: dict[str, BaselineResult] = {}
+    for name, rows in named.items():
+        by_id = {row.image_id: row for row in rows}
+        score = np.empty(prep.det_label.size, float)
+        for d, (k, pos) in enumerate(zip(prep.det_image.tolist(), prep.det_pos.tolist())):
+            row = by_id.get(prep.image_ids[k])
+            if row is None or pos >= len(row.predictions) or row.predictions[pos].label != prep.det_label[d]:
+                raise MetricError(f"submission {name!r}: ID {prep.image_ids[k]} does not list the first "
+                                  "submission's detections in the same order")
+            score[d] = row.predictions[pos].confidence
+        metric = _metric_result(dataclasses.replace(prep, det_score=score), iou_threshold, f1_threshold)
+        out[name] = dataclasses.replace(base, metric=metric)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

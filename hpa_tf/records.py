@@ -1,6 +1,8 @@
-"""The TFRecord schema of cell crops: one module writes (``encode_example``) and parses (``parse_example``).
+"""The TFRecord schema of cell crops and whole fields: one module writes (``encode_example``,
+``encode_field_example``) and parses (``parse_example``).
 
-One ``tf.train.Example`` per cell. Features (``FEATURE_SPEC``):
+One ``tf.train.Example`` per cell (crop spec kind ``cell``) or per field of view (kind ``field``,
+``hpa_tf.crops.field_image``: the whole field resized to S × S). Features (``FEATURE_SPEC``):
 
 ============  ==============  =====  ==========================================================
 feature       type            shape  meaning
@@ -19,6 +21,11 @@ fold          int64           1      cross-validation fold (-1: none)
 source        bytes           1      where the field came from, e.g. ``train``, ``hpa-public``
 crop_size     int64           1      S, the crop side in pixels
 ============  ==============  =====  ==========================================================
+
+A field record uses the same features: ``image`` is the resized field, ``mask`` is all 255 (the
+whole field), ``labels`` the image-level labels, ``cell_id`` is ``FIELD_CELL_ID`` (0, never a
+cell's id) and ``bbox`` the whole field ``0, 0, W, H``. Which kind a shard set holds is its crop
+spec's ``kind`` (``build_config.json``), not a per-record feature.
 
 Encoding happens on the numpy side with OpenCV (fast); ``cv2.imencode`` takes BGR(A) arrays, so
 planes are swapped before writing and ``tf.io.decode_png(image, channels=4)`` returns R, G, B, Y.
@@ -50,6 +57,8 @@ log = logging.getLogger(__name__)
 
 ENCODINGS: tuple[str, ...] = ("png", "jpeg")
 CHANNELS: int = 4
+#: ``cell_id`` of a whole-field record (label images use 0 for background, so no cell has it).
+FIELD_CELL_ID: int = 0
 
 #: Parsing spec of one serialised example (see the module docstring for the meaning).
 FEATURE_SPEC: dict[str, tf.io.FixedLenFeature | tf.io.VarLenFeature] = {
@@ -182,6 +191,28 @@ def encode_example(
     }
     # deterministic: protobuf map order otherwise varies between processes (PYTHONHASHSEED)
     return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
+
+
+def encode_field_example(
+    field: np.ndarray,
+    labels: Iterable[int],
+    image_id: str,
+    image_size: Sequence[int],
+    fold: int = -1,
+    source: str = "train",
+    encoding: str = "png",
+    jpeg_quality: int = 90,
+    png_compression: int = 1,
+) -> bytes:
+    """Serialise one whole field (kind ``field``): ``field`` is the (S, S, 4) uint8 resized field
+    (``hpa_tf.crops.field_image``), ``image_size`` the original H, W; the mask is all 255, the
+    cell id ``FIELD_CELL_ID`` and the box the whole field (module docstring)."""
+    field = np.asarray(field)
+    height, width = (int(v) for v in image_size)
+    mask = np.full(field.shape[:2], 255, np.uint8)
+    return encode_example(field, mask, labels, image_id, FIELD_CELL_ID, (0, 0, width, height), (height, width),
+                          fold=fold, source=source, encoding=encoding, jpeg_quality=jpeg_quality,
+                          png_compression=png_compression)
 
 
 # ---------------------------------------------------------------------------------------------

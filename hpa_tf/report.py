@@ -110,12 +110,17 @@ def plot_crop_montage(
     out: str | os.PathLike,
     columns: int = 6,
     top: int = 2,
+    masks: np.ndarray | None = None,
 ) -> str:
-    """A grid of cell crops (RGB composite of RGBY) titled with their top predicted labels.
+    """A grid of cell crops (RGB composite of RGBY, each contrast-stretched for display) titled with
+    their top predicted labels.
 
     ``crops``: (N, S, S, 4) uint8; ``scores``: (N, 19); ``truth``: each cell's true class ids, shown
-    beneath (green when the top prediction is among them).
+    beneath (green when the top prediction is among them); ``masks``: (N, S, S) the target cell's
+    mask in each crop, outlined in white.
     """
+    import cv2
+
     from hpa_tf.segmentation import composite_rgb
 
     plt = _pyplot()
@@ -127,7 +132,12 @@ def plot_crop_montage(
         ax.axis("off")
     for i in range(n):
         ax = axes[i]
-        ax.imshow(composite_rgb(crops[i], stretch=True))
+        rgb = np.ascontiguousarray(composite_rgb(crops[i], stretch=True))
+        if masks is not None:
+            contours, _ = cv2.findContours((np.asarray(masks[i]) > 0).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                           cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(rgb, contours, -1, (255, 255, 255), 1)
+        ax.imshow(rgb)
         best = np.argsort(-scores[i])[:top]
         pred = "\n".join(f"{SHORT_NAMES[c]} {scores[i, c]:.2f}" for c in best)
         ax.set_title(pred, fontsize=7)
@@ -135,6 +145,8 @@ def plot_crop_montage(
             ok = int(best[0]) in set(truth[i])
             ax.text(0.5, -0.06, "true: " + ",".join(SHORT_NAMES[c] for c in truth[i]), transform=ax.transAxes,
                     ha="center", va="top", fontsize=6.5, color="green" if ok else "firebrick")
+    note = "crops contrast-stretched for display" + ("; target cell outlined in white" if masks is not None else "")
+    fig.suptitle(note, fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

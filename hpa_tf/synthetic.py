@@ -114,6 +114,19 @@ def sample_image_labels(rng: np.random.Generator, weights: np.ndarray) -> list[i
     return sorted(int(c) for c in rng.choice(NUM_CLASSES, size=k, replace=False, p=w))
 
 
+def covering_labels(n_fields: int) -> list[list[int] | None]:
+    """Image labels for ``n_fields`` fields (None: drawn as usual) such that every class is some
+    field's label: the 18 classes other than Negative spread round robin over the first
+    ``min(n_fields - 1, 18)`` fields, the next field Negative, the rest drawn. E.g. for a test split
+    that must hold truth of every class, Mitotic spindle and Negative included."""
+    if n_fields < 2:
+        raise ValueError(f"covering every class needs at least 2 fields, got {n_fields}")
+    k = min(n_fields - 1, NUM_CLASSES - 1)
+    out: list[list[int] | None] = [sorted(c for c in range(NUM_CLASSES - 1) if c % k == i) for i in range(k)]
+    out.append([NEGATIVE])
+    return out + [None] * (n_fields - len(out))
+
+
 def assign_cell_labels(
     rng: np.random.Generator, image_labels: list[int], n_cells: int, cell_dropout: float
 ) -> list[list[int]]:
@@ -287,7 +300,10 @@ def _geometry(
     cell_area = np.bincount(labels.ravel(), minlength=len(ids))
     nuc_area = np.bincount(nuclei.ravel(), minlength=len(ids))
     min_nuc = 0.25 * math.pi * (r_mean * f * 0.4) ** 2
-    keep = (nuc_area >= min_nuc) & (cell_area >= 2 * nuc_area)
+    # a dividing cell's nucleus is condensed on purpose (0.8 × radius, / 1.35: about a third of the
+    # area): judge its visibility on that scale, or the spindle's only cells would be dropped
+    dividing = np.array([False] + [c.dividing for c in cells])
+    keep = (nuc_area >= np.where(dividing, 0.3, 1.0) * min_nuc) & (cell_area >= 2 * nuc_area)
     keep[0] = False
     remap = np.zeros(len(ids), np.int32)
     remap[keep] = np.arange(1, int(keep.sum()) + 1)
@@ -599,6 +615,7 @@ def write_dataset(
     workers: int = 1,
     progress: bool = False,
     field_labels: Sequence[Sequence[int]] | None = None,
+    test_labels: Sequence[Sequence[int] | None] | None = None,
 ) -> dict:
     """Write a synthetic dataset in the Kaggle layout, with its truth.
 
@@ -610,7 +627,9 @@ def write_dataset(
     ``size`` may be a list: each image then draws its side from it (like the competition's mix of
     1728, 2048 and 3072 px). ``bit16_test`` writes the test split as 16-bit PNG, as the hidden test
     set is. ``field_labels`` fixes the classes of the training fields (field ``i`` gets
-    ``field_labels[i % len(field_labels)]``) instead of drawing them. Returns a summary dict.
+    ``field_labels[i % len(field_labels)]``) instead of drawing them; ``test_labels[i]`` those of
+    test field ``i`` (None or beyond the list: drawn), e.g. ``covering_labels(n_test)``. Returns a
+    summary dict.
     """
     sizes = [int(size)] if isinstance(size, (int, np.integer)) else [int(s) for s in size]
     # checked before any folder exists: a refused start leaves nothing behind
@@ -630,6 +649,8 @@ def write_dataset(
         for i in range(n):
             s = sizes[int(size_rng.integers(len(sizes)))]
             labels = field_labels[i % len(field_labels)] if field_labels and split == "train" else None
+            if split == "test" and test_labels is not None and i < len(test_labels):
+                labels = test_labels[i]
             jobs.append((str(out), split, i, _image_id(seed, split, i), seed, s,
                          bit16_test and split == "test", cell_dropout, weights, labels))
     t0 = time.perf_counter()

@@ -373,7 +373,7 @@ def _model_description(config: TrainConfig, split: shardset.FoldSplit, policy: s
         "weight_decay": config.weight_decay, "weights": config.weights, "dropout": config.dropout,
         "focal_gamma": config.focal_gamma, "focal_alpha": config.focal_alpha, "balance": config.balance,
         "augment": config.augment, "augment_on": config.augment_on, "scale_augment": config.scale_augment,
-        "seed": config.seed, "dtype_policy": policy, **strategy_info,
+        "seed": config.seed, "dtype_policy": policy, "task": split.crop.kind, **strategy_info,
     }
 
     def describe(epoch: int, logs: dict) -> dict:
@@ -406,7 +406,10 @@ def _naming_damaged_shards(split: shardset.FoldSplit):
 
 def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
           callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainResult:
-    """Train a cell classifier on the shards of ``config.data``; see the module docstring.
+    """Train a classifier on the shards of ``config.data``; see the module docstring. The shard set's
+    crop spec kind is the task: ``cell`` crops (the cell model) or whole ``field``s (the image-level
+    model, whose class activation maps ``hpa_tf.cam`` reads); the network, loss, strategies and
+    files are the same for both.
 
     ``strategy`` overrides ``config.strategy``/``config.tpu``/``config.devices`` (tests pass a
     ``MirroredStrategy`` over logical CPUs). ``callbacks`` run after the built-in ones (so they see
@@ -439,6 +442,11 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
     # ---- input ---------------------------------------------------------------------------------
     split = shardset.split_folds(config.data, config.val_fold, manifest=config.manifest, train_folds=config.train_folds,
                                  sources=config.sources)
+    task = split.crop.kind  # "cell" crops or whole "field"s: the same classifier, trained the same way
+    if config.task is not None and config.task != task:
+        raise shardset.DataError(f"{split.data_dir}: --task {config.task}, but the shard set holds {task} records "
+                                 f"(its crop spec: {split.crop.to_dict()}); build {config.task} records with "
+                                 f"python -m tfrecord_builder --kind {config.task}")
     if config.skip_corrupt_shards:
         split, _ = shardset.without_damaged_shards(split)
     source_weights = dict(config.source_weights or ())

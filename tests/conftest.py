@@ -56,3 +56,21 @@ def pytest_configure(config):
         )
     except RuntimeError:
         pass  # already initialised (e.g. a plugin touched TensorFlow first)
+
+
+FIELD_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def field_shard_set(shard_set) -> str:
+    """Whole-field records (crop spec kind ``field``, 64 px) of the same 24 synthetic fields as
+    ``shard_set``, same folds: the image-level model's training data. Read-only."""
+    from hpa_tf.crops import CropSpec
+    from tfrecord_builder import build_synthetic
+
+    root = Path(shard_set).parent
+    result = build_synthetic(root / "data", root / "fields", n_fields=len(SHARD_FIELD_LABELS), field_size=384,
+                             crop=CropSpec(kind="field", size=FIELD_SIZE), folds=4, seed=1,
+                             field_labels=SHARD_FIELD_LABELS, cell_dropout=0.0, images_per_shard=3)
+    assert result.complete and result.cells == len(SHARD_FIELD_LABELS), result.line()
+    return str(root / "fields")

@@ -339,6 +339,28 @@ def test_verify_catches_a_removed_manifest_row_and_a_truncated_shard(clean_build
     assert cli(["verify", str(clean_build), "-q"]) == 0
 
 
+def test_cell_labels_give_each_cell_its_own_labels_and_drop_unlisted_cells(dataset, clean_build, tmp_path):
+    rows, given = [], {}
+    for image_id in sorted(line.split(",")[0] for line in (dataset / "train.csv").read_text().split()[1:]):
+        cells = read_label_image(dataset / "masks" / f"{image_id}_cells.png")
+        for cid in np.unique(cells[cells > 0])[1:]:  # the first cell of every field is not listed
+            given[(image_id, int(cid))] = sorted({int(cid) % 18, 7})
+            rows.append(f"{image_id},{cid},{'|'.join(map(str, given[(image_id, int(cid))]))}")
+    path = tmp_path / "cells.csv"
+    path.write_text("ID,CellId,Label\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "per_cell"
+    result = build(_options(dataset, out, cell_labels=str(path)))
+    manifest = _manifest(out)
+    assert len(manifest) == len(given) == result.cells == len(_manifest(clean_build)) - 8
+    for row in manifest:
+        assert row["labels"] == "|".join(map(str, given[(row["image_id"], int(row["cell_id"]))]))
+    assert verify(str(out)).ok  # the records carry the same labels as the manifest
+    assert json.loads((out / "build_config.json").read_text())["cell_labels_file"] == str(path)
+    with pytest.raises(BuildError, match="masks_dir"):
+        build(_options(dataset, tmp_path / "x", cell_labels=str(path), masks_dir=None))
+    assert not (tmp_path / "x").exists()
+
+
 def test_verify_of_a_missing_folder_says_not_a_folder(tmp_path, capsys):
     assert cli(["verify", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err

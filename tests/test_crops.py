@@ -210,7 +210,8 @@ def test_crop_spec_round_trips_and_crops_with_its_own_settings():
     [
         ({"kind": "cell", "size": 64, "margin": 0.1}, r"lacks key\(s\) \['mask_neighbors'\]"),
         ({"kind": "cell", "size": 64, "margin": 0.1, "mask_neighbors": False, "pad": 0}, r"unknown key\(s\) \['pad'\]"),
-        ({"kind": "field", "size": 64, "margin": 0.1, "mask_neighbors": False}, "kind must be one of"),
+        ({"kind": "tile", "size": 64, "margin": 0.1, "mask_neighbors": False}, "kind must be one of"),
+        ({"kind": "field", "size": 64, "margin": 0.0, "mask_neighbors": True}, "not to whole fields"),
         ({"kind": "cell", "size": 0, "margin": 0.1, "mask_neighbors": False}, "size must be"),
         ({"kind": "cell", "size": 64, "margin": -0.1, "mask_neighbors": False}, "margin must be"),
         ({"kind": "cell", "size": 64, "margin": None, "mask_neighbors": False}, "margin must be"),

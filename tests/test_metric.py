@@ -18,6 +18,7 @@ from hpa_tf.metric import (
     MetricError,
     average_precision,
     evaluate,
+    evaluate_rescorings,
     evaluate_with_baselines,
     load_truth,
     main,
@@ -637,3 +638,26 @@ def test_cli_baselines_and_json_into_a_new_folder(tmp_path: Path, capsys):
     assert err.startswith("error: cannot write") and "a_file" in err and "\n" not in err
     with pytest.raises(SystemExit):
         main(["--submission", str(sub), "--truth", str(truth_csv), "--baselines", "--seeds", "0"])
+
+
+def test_rescorings_share_one_preparation_and_the_baselines():
+    rng = np.random.default_rng(7)
+    truth, _, rows, _ = _random_case(rng, n_images=5, score_levels=None)
+
+    def rescored(seed):
+        r = np.random.default_rng(seed)
+        return [SubmissionRow(row.image_id, row.width, row.height,
+                              [type(p)(p.label, float(r.random()), p.mask) for p in row.predictions]) for row in rows]
+
+    subs = {"given": rows, "other": rescored(1), "third": rescored(2)}
+    together = evaluate_rescorings(subs, truth, n_seeds=3, seed=5)
+    for name, sub in subs.items():
+        alone = evaluate_with_baselines(sub, truth, n_seeds=3, seed=5)
+        assert together[name].mean_ap == pytest.approx(alone.mean_ap)
+        np.testing.assert_allclose(together[name].per_class_ap, alone.per_class_ap, equal_nan=True)
+        np.testing.assert_allclose(together[name].per_class_ceiling, alone.per_class_ceiling, equal_nan=True)
+        assert together[name].random_map == pytest.approx(together["given"].random_map)
+    assert len({round(r.mean_ap, 9) for r in together.values()}) > 1  # the confidences do matter
+    shuffled = [SubmissionRow(r.image_id, r.width, r.height, r.predictions[::-1]) for r in rows]
+    with pytest.raises(MetricError, match="same order"):
+        evaluate_rescorings({"given": rows, "shuffled": shuffled}, truth)

@@ -215,6 +215,82 @@ def test_a_margin_of_zero_is_used_as_zero(dataset, tmp_path):
     assert not np.array_equal(got, CropSpec(size=CROP, mask_neighbors=True).crop(image, cells).crops)
 
 
+def test_fusion_rules_weigh_the_components_present():
+    rng = np.random.default_rng(0)
+    cell, image, cam = (rng.uniform(size=(5, NUM_CLASSES)) for _ in range(3))
+    both = {"cell": cell, "image": image, "cam": cam}
+    np.testing.assert_allclose(hp.fuse_components(both, "mean", (1, 2, 1)), (cell + 2 * image + cam) / 4)
+    np.testing.assert_allclose(hp.fuse_components(both, "product", (3, 1, 1)), image * (3 * cell + cam) / 4)
+    np.testing.assert_allclose(hp.fuse_components(both, "product", (1, 0, 0)), cell)  # image^0: the cell alone
+    field_only = {"image": image, "cam": cam}
+    np.testing.assert_allclose(hp.fuse_components(field_only), image * cam)  # default with no cell model
+    np.testing.assert_allclose(hp.fuse_components({"cell": cell}, None, (2, 5, 5)), cell)
+    np.testing.assert_allclose(hp.fuse_components(both), (cell + image + cam) / 3)
+    for comps, fusion, weights, message in ((both, "sum", (1, 1, 1), "unknown fusion"),
+                                            ({"cell": cell}, "product", (1, 1, 1), "needs a field model"),
+                                            (field_only, "product", (1, 1, 0), "no weight"),
+                                            ({"x": cell}, "mean", (1, 1, 1), "components must be")):
+        with pytest.raises(ValueError, match=message):
+            hp.fuse_components(comps, fusion, weights)
+
+
+@pytest.fixture(scope="module")
+def field_model(tmp_path_factory):
+    return _save_tiny(tmp_path_factory.mktemp("field") / "field.keras", 3, crop=CropSpec(kind="field", size=64))
+
+
+def test_field_model_alone_and_fused_with_a_cell_model_scores_every_cell(dataset, models, field_model, tmp_path,
+                                                                           capsys):
+    masks = str(dataset / "masks")
+    # the field model alone: image probability × CAM score, per cell
+    alone = tmp_path / "alone.csv"
+    summary = hp.run(_config(dataset, None, alone, field_models=[field_model], masks_dir=masks,
+                             component_scores=True))
+    assert summary["components"] == str(tmp_path / "alone.components.json") and not summary["failed"]
+    comps = hp.read_components(summary["components"])
+    rows = read_submission(alone)
+    assert validate_submission(alone) == []
+    for row in rows:
+        entry = comps[row.image_id]
+        truth = read_label_image(dataset / "masks" / f"{row.image_id}_cells.png")
+        assert entry["cell_ids"].tolist() == sorted(np.unique(truth[truth > 0]).tolist())
+        assert set(entry) == {"cell_ids", "image", "cam"} and np.ptp(entry["cam"]) > 0
+        assert np.allclose(entry["image"], entry["image"][0])  # one image probability per field
+        conf = np.array([p.confidence for p in row.predictions]).reshape(-1, NUM_CLASSES)
+        np.testing.assert_allclose(conf, entry["image"] * entry["cam"], atol=1e-5)
+    # both models, weighted mean; each component can be rescored on the same cells
+    both = tmp_path / "both.csv"
+    summary = hp.run(_config(dataset, models[:1], both, field_models=[field_model], masks_dir=masks,
+                             fusion="mean", fusion_weights="2,1,1", component_scores=True))
+    comps = hp.read_components(summary["components"])
+    rows = read_submission(both)
+    for row in rows:
+        entry = comps[row.image_id]
+        conf = np.array([p.confidence for p in row.predictions]).reshape(-1, NUM_CLASSES)
+        np.testing.assert_allclose(conf, (2 * entry["cell"] + entry["image"] + entry["cam"]) / 4, atol=1e-5)
+    cam_rows = hp.component_rows(rows, comps, lambda e: e["cam"])
+    for row, cam_row in zip(rows, cam_rows):
+        assert [p.mask for p in row.predictions] == [p.mask for p in cam_row.predictions]
+        np.testing.assert_allclose([p.confidence for p in cam_row.predictions], comps[row.image_id]["cam"].ravel())
+    # the cell model's scores are the same with or without the field model beside it
+    cell_only = hp.run(_config(dataset, models[:1], tmp_path / "cell.csv", masks_dir=masks, image_weight=0.0,
+                               component_scores=True))
+    cell_comps = hp.read_components(cell_only["components"])
+    for image_id, entry in cell_comps.items():
+        np.testing.assert_allclose(entry["cell"], comps[image_id]["cell"], atol=1e-5)
+    # each model by its own flag; no model, bad weights: clear errors
+    with pytest.raises(hp.PredictError, match="--field-model"):
+        hp.run(_config(dataset, [field_model], tmp_path / "x.csv", masks_dir=masks))
+    with pytest.raises(hp.PredictError, match="--model"):
+        hp.run(_config(dataset, None, tmp_path / "x.csv", field_models=models[:1], masks_dir=masks))
+    assert predict_cli.main(["--test-dir", str(dataset / "test"), "--out", str(tmp_path / "y.csv")]) == 2
+    assert "no model given" in capsys.readouterr().err
+    assert predict_cli.main(["--test-dir", str(dataset / "test"), "--model", models[0], "--fusion", "product",
+                             "--out", str(tmp_path / "y.csv")]) == 2
+    assert "needs a field model" in capsys.readouterr().err
+    assert not (tmp_path / "y.csv").exists()
+
+
 def _predict_argv(dataset, model, out):
     return ["--test-dir", str(dataset / "test"), "--model", str(model), "--out", str(out), "--no-progress",
             "--sample-submission", str(dataset / "sample_submission.csv")]

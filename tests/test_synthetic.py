@@ -128,6 +128,28 @@ def test_write_dataset_kaggle_layout(tmp_path):
     np.testing.assert_array_equal(read_rgby(again / "train", first), read_rgby(tmp_path / "train", first))
 
 
+def test_covering_labels_put_every_class_in_some_field():
+    from hpa_tf.synthetic import covering_labels
+
+    for n in (2, 8, 19, 48):
+        labels = covering_labels(n)
+        assert len(labels) == n
+        fixed = [set(x) for x in labels if x is not None]
+        assert set().union(*fixed) == set(range(19))
+        assert [18] in [sorted(x) for x in fixed] and all(18 not in x or x == {18} for x in fixed)
+    assert covering_labels(48)[19:] == [None] * 29
+
+
+def test_a_mitotic_spindle_field_keeps_its_dividing_cells():
+    # their condensed nuclei used to fall under the visibility cut, leaving the field Negative
+    from hpa_tf.synthetic import generate_field
+
+    for s in range(12):
+        f = generate_field([0, 1, s], size=512, labels=[11])  # seeds 5 and 11 lost them
+        assert f.dividing and f.image_labels == [11], s
+        assert {c for c, labels in f.cell_labels.items() if 11 in labels} == f.dividing
+
+
 @pytest.mark.parametrize("args, message", [
     (["--size", "10"], "argument --size: must be an integer of at least 32, got '10'"),
     (["--size", "abc"], "argument --size: must be an integer of at least 32, got 'abc'"),

@@ -13,6 +13,8 @@ BUILD_EXAMPLE = """\
 example:
   python -m tfrecord_builder --data-dir data/train --labels data/train.csv --out records \\
       --crop-size 512 --segmenter builtin --workers 4 --folds 5
+  python -m tfrecord_builder --data-dir data/train --labels data/train.csv --out fields \
+      --kind field --size 512 --workers 4 --folds 5
   python -m tfrecord_builder verify records
   python -m tfrecord_builder --runner beam --data-dir gs://B/train --labels train.csv --out gs://B/records \
       --beam-options "--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp \
@@ -38,7 +40,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", required=True, help="folder of {ID}_{red,green,blue,yellow}.png|jpg|tif (e.g. train/)")
     p.add_argument("--labels", required=True, help="train.csv with columns ID,Label")
     p.add_argument("--out", required=True, help="output folder (local or gs://)")
-    p.add_argument("--crop-size", type=int, default=crop.size, help=f"crop side in pixels (default {crop.size})")
+    p.add_argument("--kind", default=crop.kind, choices=["cell", "field"],
+                   help="records: 'cell' = one crop per segmented cell, 'field' = each whole field resized to "
+                   f"--size x --size with its image labels, no segmentation (default {crop.kind})")
+    p.add_argument("--crop-size", "--size", dest="crop_size", type=int, default=crop.size,
+                   help=f"crop side (cells) or field side (fields) in pixels (default {crop.size})")
     p.add_argument("--margin", type=float, default=crop.margin,
                    help=f"crop margin: fraction of the cell box's longer side added on each side (default {crop.margin})")
     p.add_argument("--segmenter", default="builtin", choices=["builtin", "hpacellseg"],
@@ -73,6 +79,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--source", default="train",
                    help="source name stored in the records of fields whose label-file row has no Source value "
                    "(default train; the downloader's train.csv says hpa-public per row)")
+    p.add_argument("--cell-labels", help="CSV ID,CellId,Label giving each cell its own labels instead of its field's "
+                   "(e.g. synthetic train_truth.csv or pseudo-labels); needs --masks-dir")
     p.add_argument("--max-shards", type=int, help="stop after building this many shards (resume later)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -117,7 +125,7 @@ def build_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
     a = parser.parse_args(_join_beam_options(list(sys.argv[1:] if argv is None else argv)))
     name = parser.prog
     _logging(a.quiet)
-    if not a.masks_dir:
+    if not a.masks_dir and a.kind == "cell":
         from hpa_tf.segmentation import preload
 
         preload(a.segmenter)  # hpacellseg: PyTorch's stack must be imported before TensorFlow
@@ -132,13 +140,14 @@ def build_main(argv: Sequence[str] | None = None, prog: str | None = None) -> in
         seg_options = {k: v for k, v in (("nuclei_model", a.nuclei_model), ("cell_model", a.cell_model),
                                          ("device", a.device)) if v is not None}
     try:
-        crop = CropSpec(size=a.crop_size, margin=a.margin, mask_neighbors=a.mask_neighbors)
+        crop = CropSpec(kind=a.kind, size=a.crop_size, margin=a.margin, mask_neighbors=a.mask_neighbors)
         options = BuildOptions(
             data_dir=a.data_dir, labels=a.labels, out=a.out, crop=crop, segmenter=a.segmenter,
             segmenter_options=seg_options, masks_dir=a.masks_dir, workers=a.workers, shard_mb=a.shard_mb,
             images_per_shard=a.images_per_shard, folds=a.folds, seed=a.seed, encoding=a.encoding,
             png_compression=a.png_compression, jpeg_quality=a.jpeg_quality, limit=a.limit,
             min_cell_area=a.min_cell_area, source=a.source, runner=a.runner, beam_options=tuple(a.beam_options),
+            cell_labels=a.cell_labels,
         )
         result = build(options, progress=not a.no_progress, max_shards=a.max_shards)
     except (BuildError, LabelError, CsvFormatError, CropSpecError) as e:

@@ -37,7 +37,7 @@ from hpa_tf.folds import assign_folds, write_folds_csv
 from hpa_tf.io import read_labels, read_sources
 from tfrecord_builder.options import BuildError, BuildOptions, check_options, config_hash, content_config
 from tfrecord_builder.output import assemble, clean_temp_files, load_part, prepare_output, remove_unfinished
-from tfrecord_builder.plan import ShardTask, estimate_images_per_shard, plan_shards
+from tfrecord_builder.plan import CELLS_PER_FIELD, ShardTask, estimate_images_per_shard, plan_shards
 from tfrecord_builder.worker import check_segmenter, run_tasks
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def build(options: BuildOptions, progress: bool = False, max_shards: int | None 
     if options.limit is not None:
         image_ids = image_ids[: options.limit]
     per_shard = options.images_per_shard or estimate_images_per_shard(
-        options.shard_mb, options.crop.size, options.encoding
+        options.shard_mb, options.crop.size, options.encoding, cells_per_field=1 if options.crop.is_field else CELLS_PER_FIELD
     )
     tasks = plan_shards(image_ids, folds, labels, per_shard, read_sources(options.labels))
     config = content_config(options, per_shard)

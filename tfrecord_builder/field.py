@@ -1,4 +1,5 @@
-"""The per-field unit of work: read → segment (or read saved masks) → crop → encode.
+"""The per-field unit of work: read → segment (or read saved masks) → crop → encode; for a
+``field`` crop spec: read → resize the whole field → encode (one record, no segmentation).
 
 ``encode_field`` is a plain function of plain, picklable inputs and outputs, with no module state
 and no output files: the local runner (``tfrecord_builder.worker``) calls it for every field of a
@@ -8,6 +9,8 @@ that cannot be used is not an error: the result carries a skip reason instead of
 
 from __future__ import annotations
 
+import csv
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -19,7 +22,7 @@ from hpa_tf.crops import find_cells
 from hpa_tf.io import CHANNELS, ImageReadError, find_channel_file, read_label_image, read_rgby
 from hpa_tf.labels import format_labels
 from hpa_tf.shardset import MANIFEST_COLUMNS
-from tfrecord_builder.options import BuildOptions
+from tfrecord_builder.options import BuildError, BuildOptions
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,30 @@ class FieldResult:
             row[_SHARD], row[_RECORD] = shard, first_record + k
             out.append(row)
         return out
+
+
+@functools.lru_cache(maxsize=2)
+def read_cell_labels(path: str) -> dict[tuple[str, int], tuple[int, ...]]:
+    """``{(ID, CellId): class ids}`` from a CSV with columns ``ID,CellId,Label`` (read once per process).
+
+    Raises
+    ------
+    BuildError : a missing column or a malformed row (line number given).
+    """
+    from hpa_tf.labels import LabelError, parse_labels
+
+    out: dict[tuple[str, int], tuple[int, ...]] = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("ID", "CellId", "Label") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise BuildError(f"{path}: cell labels lack column(s) {missing}")
+        for line, row in enumerate(reader, start=2):
+            try:
+                out[(row["ID"], int(row["CellId"]))] = tuple(parse_labels(row["Label"], where=f"{path} line {line}"))
+            except (ValueError, LabelError) as e:
+                raise BuildError(f"{path} line {line}: malformed row ({e})") from None
+    return out
 
 
 def read_field(data_dir: str, image_id: str) -> tuple[np.ndarray | None, tuple[str, str] | None]:
@@ -122,19 +149,31 @@ def encode_field(
 
     Returns
     -------
-    FieldResult with one serialised example and one manifest row per kept cell, or a skip reason.
+    FieldResult with one serialised example and one manifest row per kept cell (for a ``field`` crop
+    spec: one for the whole field, ``segmenter`` unused), or a skip reason.
     """
-    from hpa_tf.records import encode_example
+    from hpa_tf.records import FIELD_CELL_ID, encode_example, encode_field_example
 
     image, skip = read_field(options.data_dir, image_id)
+    source = options.source if source is None else source
+    if options.crop.is_field:  # the whole field, resized: no segmentation
+        if image is None:
+            return FieldResult(image_id, skip=skip)
+        height, width = image.shape[:2]
+        example = encode_field_example(
+            options.crop.field(image), labels, image_id, (height, width), fold=fold, source=source,
+            encoding=options.encoding, jpeg_quality=options.jpeg_quality, png_compression=options.png_compression)
+        row = (image_id, FIELD_CELL_ID, int(fold), format_labels(labels), None, None, height * width,
+               0, 0, width, height, height, width, source)
+        return FieldResult(image_id, (example,), (row,), 0)
     cells = None
     if image is not None:
         cells, skip = field_cells(options, image_id, image, segmenter)
     if cells is None:
         return FieldResult(image_id, skip=skip)
     height, width = image.shape[:2]
-    source = options.source if source is None else source
     labels_text = format_labels(labels)
+    per_cell = read_cell_labels(options.cell_labels) if options.cell_labels else None
     examples, rows = [], []
     dropped = 0
     for batch in options.crop.iter_crops(image, cells, min_area=options.min_cell_area):
@@ -142,8 +181,15 @@ def encode_field(
         for k in range(len(batch)):
             cell_id = int(batch.cell_ids[k])
             bbox = [int(v) for v in batch.bboxes[k]]
+            cell_labels = labels
+            if per_cell is not None:
+                if (image_id, cell_id) not in per_cell:
+                    dropped += 1
+                    continue
+                cell_labels = per_cell[(image_id, cell_id)]
+                labels_text = format_labels(cell_labels)
             examples.append(encode_example(
-                batch.crops[k], batch.masks[k], labels, image_id, cell_id, bbox, (height, width),
+                batch.crops[k], batch.masks[k], cell_labels, image_id, cell_id, bbox, (height, width),
                 fold=fold, source=source, encoding=options.encoding,
                 jpeg_quality=options.jpeg_quality, png_compression=options.png_compression,
             ))

@@ -33,8 +33,9 @@ class BuildOptions:
     data_dir : folder of ``{ID}_{red,green,blue,yellow}.{png,jpg,tif}`` (e.g. Kaggle ``train/``).
     labels : ``train.csv`` (``ID,Label``).
     out : output folder, local or ``gs://…``.
-    crop : the crop spec of every record (``hpa_tf.crops.CropSpec``: size, margin, neighbour masking).
-    segmenter : ``builtin`` or ``hpacellseg`` (ignored when ``masks_dir`` is given).
+    crop : the crop spec of every record (``hpa_tf.crops.CropSpec``: kind, size, margin, neighbour
+        masking); kind ``field`` makes one record per field (the whole field resized), unsegmented.
+    segmenter : ``builtin`` or ``hpacellseg`` (ignored when ``masks_dir`` is given or for ``field`` records).
     segmenter_options : keyword arguments of ``get_segmenter`` (e.g. model paths).
     masks_dir : reuse saved masks ``{masks_dir}/{ID}_cells.png`` instead of segmenting.
     workers : processes (1: in this process).
@@ -44,6 +45,10 @@ class BuildOptions:
     encoding, png_compression, jpeg_quality : crop encoding (``hpa_tf.records.encode_example``).
     limit : build only the first ``limit`` images by sorted ID (folds still over all of them).
     min_cell_area : cells with fewer pixels (original resolution) are dropped and counted.
+    source : the ``source`` feature of every record (e.g. ``train``, ``hpa-public``).
+    cell_labels : a CSV ``ID,CellId,Label`` (other columns ignored, e.g. the synthetic
+        ``train_truth.csv``) giving each cell its own labels instead of its field's; needs
+        ``masks_dir`` (the cell ids are the saved masks'). Cells it does not list are dropped.
     source : the ``source`` feature of records whose label-file row has no ``Source`` value
         (e.g. ``train``; the downloader's label file says ``hpa-public`` per row).
     runner : ``local`` (this machine: a process pool) or ``beam`` (an Apache Beam pipeline:
@@ -70,6 +75,7 @@ class BuildOptions:
     limit: int | None = None
     min_cell_area: int = 0
     source: str = "train"
+    cell_labels: str | None = None
     runner: str = "local"
     beam_options: tuple[str, ...] = ()
 
@@ -116,6 +122,11 @@ def check_options(options: BuildOptions) -> None:
             problems.append(f"{what} {path} is not a folder")
     if not os.path.isfile(options.labels):
         problems.append(f"labels file {options.labels} not found")
+    if options.cell_labels is not None:
+        if not os.path.isfile(options.cell_labels):
+            problems.append(f"cell labels file {options.cell_labels} not found")
+        if options.masks_dir is None or (isinstance(options.crop, CropSpec) and options.crop.is_field):
+            problems.append("cell labels need cell records from saved masks (masks_dir, kind 'cell'): their ids")
     if problems:
         raise BuildError("; ".join(problems))
 
@@ -152,14 +163,20 @@ def content_config(options: BuildOptions, images_per_shard: int) -> dict:
             seg_opts[key] = {"path": os.path.abspath(value), "bytes": os.path.getsize(value)}
         else:
             seg_opts[key] = value
+    if isinstance(options.crop, CropSpec) and options.crop.is_field:  # no segmentation: none of its settings count
+        segmenter, seg_opts, masks_dir = "none", {}, None
+    else:
+        segmenter = "masks" if options.masks_dir else options.segmenter
+        seg_opts = {} if options.masks_dir else seg_opts
+        masks_dir = _where(options.masks_dir) if options.masks_dir else None
     config = {
         "format": FORMAT_VERSION,
         "crop": options.crop.to_dict(),
         "encoding": options.encoding,
         "min_cell_area": int(options.min_cell_area),
-        "segmenter": "masks" if options.masks_dir else options.segmenter,
-        "segmenter_options": {} if options.masks_dir else seg_opts,
-        "masks_dir": _where(options.masks_dir) if options.masks_dir else None,
+        "segmenter": segmenter,
+        "segmenter_options": seg_opts,
+        "masks_dir": masks_dir,
         "folds": int(options.folds),
         "seed": int(options.seed),
         "source": options.source,
@@ -169,6 +186,9 @@ def content_config(options: BuildOptions, images_per_shard: int) -> dict:
         "limit": options.limit,
         "images_per_shard": int(images_per_shard),
     }
+    if options.cell_labels is not None:
+        config["cell_labels_file"] = os.path.abspath(options.cell_labels)
+        config["cell_labels_sha256"] = _sha256(options.cell_labels)
     if options.encoding == "png":
         config["png_compression"] = int(options.png_compression)
     else:

@@ -36,8 +36,8 @@ FieldCallback = Callable[[int, int], None]
 
 
 def make_segmenter(options: BuildOptions) -> object | None:
-    """The segmenter the options ask for (None with saved masks)."""
-    if options.masks_dir:
+    """The segmenter the options ask for (None with saved masks, or for whole-field records)."""
+    if options.masks_dir or options.crop.is_field:
         return None
     from hpa_tf.segmentation import get_segmenter, preload
 
