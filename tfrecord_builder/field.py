@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpa_tf.crops import find_cells
+from hpa_tf.fileutil import raise_csv_field_size_limit
 from hpa_tf.io import CHANNELS, ImageReadError, find_channel_file, read_label_image, read_rgby
 from hpa_tf.labels import format_labels
 from hpa_tf.shardset import MANIFEST_COLUMNS
@@ -73,7 +74,8 @@ def read_cell_labels(path: str) -> dict[tuple[str, int], tuple[int, ...]]:
     from hpa_tf.labels import LabelError, parse_labels
 
     out: dict[tuple[str, int], tuple[int, ...]] = {}
-    with open(path, newline="") as f:
+    raise_csv_field_size_limit()
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in ("ID", "CellId", "Label") if c not in (reader.fieldnames or [])]
         if missing:
