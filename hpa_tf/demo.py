@@ -42,18 +42,18 @@ log = logging.getLogger(__name__)
 class DemoSettings:
     """Sizes of a demo run (see ``PRESETS``; the figures of each are in the README)."""
 
-    train_fields: int = 160
+    train_fields: int = 120
     test_fields: int = 48
     size: int = 768
     crop_size: int = 64
     image_size: int = 48
     mask_neighbors: bool = True
     backbone: str = "tiny_cnn"
-    epochs: int = 20
+    epochs: int = 16
     batch_size: int = 64
     lr: float = 3e-3
-    field_size: int = 256
-    field_epochs: int = 20
+    field_size: int = 128
+    field_epochs: int = 15
     field_batch_size: int = 16
     field_lr: float = 3e-3
     supervised: bool = True
@@ -64,11 +64,12 @@ class DemoSettings:
 
 
 PRESETS: dict[str, DemoSettings] = {
-    # measured (README): about 397 CPU seconds (≈ 3.3 min on 2 cores), fusion skill 0.46, supervised 0.87
+    # measured (README, wall clock on 2 cores): default 3 min 17 s, fusion skill 0.48 (160 fields and
+    # 20 epochs: 4 min 52 s, 0.45); --quick 90 s, skill 0.67. The time bars (≤ 4 min, ≤ 90 s) set the
+    # fields, epochs and the field model's size; the field model adds little at any size tried
     "default": DemoSettings(),
-    # measured (README): about 127 CPU seconds (≈ 63 s on 2 cores), fusion skill 0.72
-    "quick": DemoSettings(train_fields=80, test_fields=16, size=512, epochs=15, batch_size=32, field_size=128,
-                          field_epochs=40, field_batch_size=8, supervised=False, folds=4),
+    "quick": DemoSettings(train_fields=80, test_fields=16, size=512, epochs=10, batch_size=32, field_size=128,
+                          field_epochs=10, field_batch_size=8, supervised=False, folds=4),
 }
 
 #: Fusion candidates tried on the validation fold: (rule, (a, b, c)) with a, b, c the weights of the

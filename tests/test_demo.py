@@ -2,7 +2,7 @@
 
 import json
 
-from hpa_tf.demo import main
+from hpa_tf.demo import PRESETS, main
 from hpa_tf.io import read_sample_submission
 from hpa_tf.submission import validate_submission
 
@@ -38,5 +38,5 @@ def test_quick_demo_runs_end_to_end_learns_and_resumes(tmp_path, capsys):
     for n in (1, 2, 3, 4):  # data, shards, training, prediction: each says it kept its work
         text = next(t for t in stages if t.startswith(f"{n}/6]"))
         assert "kept" in text, text
-    assert "cell model: already trained (15 epochs), kept" in again
+    assert f"cell model: already trained ({PRESETS['quick'].epochs} epochs), kept" in again
     assert json.loads((out / "figures.json").read_text())["mAP"] == figures["mAP"]
