@@ -65,10 +65,11 @@ class DemoSettings:
 
 PRESETS: dict[str, DemoSettings] = {
     # measured (README, wall clock on 2 cores): default 3 min 17 s, fusion skill 0.48 (160 fields and
-    # 20 epochs: 4 min 52 s, 0.45); --quick 90 s, skill 0.67. The time bars (≤ 4 min, ≤ 90 s) set the
-    # fields, epochs and the field model's size; the field model adds little at any size tried
+    # 20 epochs: 4 min 52 s, 0.45); --quick 72 s, skill 0.64 (80 fields: 90 s, 0.67). The time bars
+    # (≤ 4 min, ≤ 90 s) set the fields, epochs and the field model's size; the field model adds
+    # little at any size tried
     "default": DemoSettings(),
-    "quick": DemoSettings(train_fields=80, test_fields=16, size=512, epochs=10, batch_size=32, field_size=128,
+    "quick": DemoSettings(train_fields=64, test_fields=16, size=512, epochs=10, batch_size=32, field_size=128,
                           field_epochs=10, field_batch_size=8, supervised=False, folds=4),
 }
 
